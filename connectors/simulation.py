@@ -1,0 +1,98 @@
+"""The simulation connector: a stand-in engine for tests, demos and load runs.
+
+Each job sleeps through ``steps`` steps over ``duration_s`` seconds, reporting progress, and then
+returns ``output_bytes`` of deterministic output, or fails with probability ``failure_rate``.
+Defaults come from the environment (``EMP_SIM_DURATION_S``, ``EMP_SIM_STEPS``,
+``EMP_SIM_FAILURE_RATE``, ``EMP_SIM_OUTPUT_BYTES``, ``EMP_SIM_SEED``); a job's payload overrides
+each (``duration_s``, ``steps``, ``failure_rate``, ``output_bytes``, ``seed``), and may force a
+failure with ``"fail": "permanent" | "retryable"``. The same seed and job id give the same run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import random
+from collections.abc import Sequence
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from connectors.base import Connector, ConnectorConfig, JobContext, JobResult
+from connectors.hookspecs import hookimpl
+from worker.errors import PermanentJobError, RetryableJobError
+from worker.protocol import Job
+
+MAX_DURATION_S = 3600.0
+MAX_STEPS = 10_000
+MAX_OUTPUT_BYTES = 16 * 1024 * 1024
+
+
+class SimulationDefaults(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="EMP_SIM_", extra="ignore", frozen=True)
+
+    duration_s: float = Field(2.0, ge=0, le=MAX_DURATION_S)
+    steps: int = Field(10, ge=1, le=MAX_STEPS)
+    failure_rate: float = Field(0.0, ge=0, le=1)
+    output_bytes: int = Field(256, ge=0, le=MAX_OUTPUT_BYTES)
+    seed: int | None = None
+
+
+class SimulationPayload(BaseModel):
+    """A simulation job's payload; unknown keys are allowed (and ignored)."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    duration_s: float | None = Field(None, ge=0, le=MAX_DURATION_S)
+    steps: int | None = Field(None, ge=1, le=MAX_STEPS)
+    failure_rate: float | None = Field(None, ge=0, le=1)
+    output_bytes: int | None = Field(None, ge=0, le=MAX_OUTPUT_BYTES)
+    seed: int | None = None
+    fail: str | None = Field(None, pattern="^(permanent|retryable)$")
+
+
+def _output(rng: random.Random, size: int) -> str:
+    return rng.randbytes(size // 2 + 1).hex()[:size]
+
+
+class SimulationConnector(Connector):
+    name = "simulation"
+    service_types = ("simulation",)
+
+    def __init__(self, config: ConnectorConfig) -> None:
+        super().__init__(config)
+        self.defaults = SimulationDefaults()
+
+    async def run(self, job: Job, ctx: JobContext) -> JobResult:
+        try:
+            spec = SimulationPayload.model_validate(job.payload)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            raise PermanentJobError(f"invalid simulation payload: {where}: {first['msg']}") from None
+        d = self.defaults
+        duration = spec.duration_s if spec.duration_s is not None else d.duration_s
+        steps = spec.steps or d.steps
+        failure_rate = spec.failure_rate if spec.failure_rate is not None else d.failure_rate
+        size = spec.output_bytes if spec.output_bytes is not None else d.output_bytes
+        seed = spec.seed if spec.seed is not None else d.seed
+        seed_material = f"{seed}:{job.id}" if seed is not None else f"{job.id}:{job.attempt}"
+        rng = random.Random(hashlib.sha256(seed_material.encode()).digest())
+        fail_at = rng.randrange(steps) if rng.random() < failure_rate else None
+
+        for step in range(steps):
+            ctx.raise_if_cancelled()
+            if spec.fail == "permanent":
+                raise PermanentJobError("simulated permanent failure (payload fail=permanent)")
+            if spec.fail == "retryable" or step == fail_at:
+                raise RetryableJobError(f"simulated engine failure at step {step + 1}/{steps}")
+            await asyncio.sleep(duration / steps)  # the simulated work itself
+            ctx.progress((step + 1) * 100.0 / steps, f"step {step + 1}/{steps}",
+                         step=step + 1, total_steps=steps)
+        return {"output": _output(rng, size), "steps": steps, "seed": seed}
+
+
+@hookimpl
+def emp_connectors() -> Sequence[type[Any]]:
+    return [SimulationConnector]

@@ -1,0 +1,113 @@
+"""Shared fixtures: a real Redis (REDIS_URL, else a throwaway server), a key prefix per test, and a
+factory for workers with tiny intervals."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+
+from connectors.manager import Plugins
+from worker.agent import Worker
+from worker.client import Client, connect
+from worker.embedded import EmbeddedRedis
+from worker.keys import Keys
+from worker.settings import Settings, load_settings
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """REDIS_URL when set (tests then touch only keys under their own prefix), else our own server."""
+    url = os.environ.get("REDIS_URL")
+    if url:
+        yield url
+        return
+    with EmbeddedRedis() as server:
+        yield server.url
+
+
+@pytest.fixture
+def keys() -> Keys:
+    return Keys(f"test:{uuid.uuid4().hex[:12]}:")
+
+
+@pytest.fixture
+async def redis(redis_url: str, keys: Keys) -> AsyncIterator[aioredis.Redis]:
+    client = connect(redis_url)
+    yield client
+    cursor = 0
+    while True:  # delete only this test's keys
+        cursor, found = await client.scan(cursor, match=f"{keys.prefix}*", count=1000)
+        if found:
+            await client.delete(*found)
+        if cursor == 0:
+            break
+    await client.aclose()
+
+
+@pytest.fixture
+async def client(redis: aioredis.Redis, keys: Keys) -> Client:
+    return Client(redis, keys)
+
+
+def fast_settings(redis_url: str, keys: Keys, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "redis_url": redis_url, "key_prefix": keys.prefix, "heartbeat_interval_s": 0.5,
+        "lease_s": 3.0, "poll_interval_s": 2.0, "grace_period_s": 5.0, "retry_backoff_s": 0.0,
+        "retry_exclusion_s": 0.0, "machine_id": "test-machine",
+    }
+    values.update(overrides)
+    return load_settings(**values)
+
+
+WorkerFactory = Callable[..., Awaitable[Worker]]
+
+
+@pytest.fixture
+async def start_worker(redis_url: str, keys: Keys) -> AsyncIterator[WorkerFactory]:
+    """Start workers in this event loop; they are stopped (drained) at the end of the test."""
+    started: list[tuple[Worker, asyncio.Task[None], aioredis.Redis]] = []
+
+    async def factory(worker_id: str = "w1", connectors: str = "simulation", **overrides: Any) -> Worker:
+        settings = fast_settings(redis_url, keys, connectors=connectors, **overrides)
+        plugins = Plugins()
+        from connectors.base import ConnectorConfig
+
+        instances = plugins.create_connectors(settings.connector_names, ConnectorConfig(worker_id))
+        hardware = overrides.pop("hardware", None) or {"gpu_memory_gb": 24, "gpu_model": "fake",
+                                                       "ram_gb": 64, "cpu_cores": 8}
+        conn = connect(redis_url)
+        worker = Worker(settings, conn, instances, worker_id=worker_id, hardware=hardware, plugins=plugins)
+        task = asyncio.create_task(worker.run())
+        started.append((worker, task, conn))
+        await wait_until(lambda: worker.state.value in ("idle", "busy"), timeout=10)
+        return worker
+
+    yield factory
+    for worker, task, conn in started:
+        worker.request_stop()
+        worker.fast_stop.set()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(task, 20)
+        await conn.aclose()
+
+
+async def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.01) -> None:
+    """Wait for a condition with a deadline (polling a condition, not sleeping for an outcome)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        value = predicate()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return
+        if loop.time() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        await asyncio.sleep(interval)

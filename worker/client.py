@@ -1,0 +1,177 @@
+"""The Python client: submit, inspect, follow and cancel jobs; read the queue's state.
+
+Used by the CLI and the tests::
+
+    async with Client.from_url("redis://127.0.0.1:6379/0") as client:
+        job_id = await client.submit("simulation", {"steps": 5}, priority=80)
+        async for event in client.follow(job_id):
+            print(event.kind, event.data)
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from types import TracebackType
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from worker.keys import Keys
+from worker.protocol import emp_job_queue_score, epoch_ms, submit_fields
+from worker.queue import Queue, QueueConfig
+
+FINAL_EVENTS = frozenset({"completed", "failed", "cancelled"})
+FINAL_STATUSES = FINAL_EVENTS
+
+
+@dataclass(frozen=True)
+class JobEvent:
+    """One entry of a job's progress stream."""
+
+    id: str
+    kind: str
+    data: dict[str, Any]
+
+    @property
+    def final(self) -> bool:
+        return self.kind in FINAL_EVENTS
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    worker_id: str
+    status: str
+    current_job_id: str
+    alive: bool
+    services: list[str]
+    completed: int
+    failed: int
+
+
+def connect(url: str) -> aioredis.Redis:
+    """A Redis client with bounded timeouts (no call waits forever)."""
+    return aioredis.Redis.from_url(
+        url, decode_responses=True, socket_timeout=10.0, socket_connect_timeout=5.0,
+        health_check_interval=0,
+    )
+
+
+class Client:
+    def __init__(self, redis: aioredis.Redis, keys: Keys | None = None) -> None:
+        self.redis = redis
+        self.keys = keys or Keys()
+        self.queue = Queue(redis, self.keys, QueueConfig())
+
+    @classmethod
+    def from_url(cls, url: str, prefix: str = "") -> Client:
+        return cls(connect(url), Keys(prefix))
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.redis.aclose()
+
+    async def submit(
+        self,
+        service: str,
+        payload: Mapping[str, Any],
+        *,
+        priority: int = 50,
+        requirements: Mapping[str, Any] | None = None,
+        customer_id: str = "",
+        max_retries: int = 3,
+        job_id: str | None = None,
+        **extra: Any,
+    ) -> str:
+        """Submit a job exactly as emp-job-queue's API does (and publish job_submitted)."""
+        job_id = job_id or str(uuid.uuid4())
+        fields = submit_fields(service=service, payload=payload, priority=priority,
+                               requirements=requirements, customer_id=customer_id,
+                               max_retries=max_retries, **extra)
+        score = emp_job_queue_score(priority, epoch_ms(datetime.now(UTC)),
+                                    extra.get("workflow_priority"), extra.get("workflow_datetime_ms"))
+        await self.queue.submit(job_id, fields, score)
+        return job_id
+
+    async def get(self, job_id: str) -> dict[str, str]:
+        """The job hash ({} when unknown or expired)."""
+        return dict(await self.redis.hgetall(self.keys.job(job_id)))
+
+    async def cancel(self, job_id: str, reason: str = "Job cancelled by user") -> str:
+        """Cancel a pending or running job; returns its previous status."""
+        previous, _holder = await self.queue.cancel(job_id, reason)
+        return previous
+
+    async def events(self, job_id: str, after: str = "0-0") -> list[JobEvent]:
+        entries = await self.redis.xrange(self.keys.progress_stream(job_id), min=f"({after}"
+                                          if after != "0-0" else "-")
+        return [_event(entry_id, fields) for entry_id, fields in entries]
+
+    async def follow(self, job_id: str, block_ms: int = 1000, max_idle_polls: int = 3600) -> AsyncIterator[JobEvent]:
+        """Replay the job's stream from the start, then follow it until a final event."""
+        last = "0-0"
+        idle = 0
+        key = self.keys.progress_stream(job_id)
+        while idle < max_idle_polls:
+            reply = await self.redis.xread({key: last}, block=block_ms, count=100)
+            if not reply:
+                idle += 1
+                status = await self.redis.hget(self.keys.job(job_id), "status")
+                if status in FINAL_STATUSES or status is None:
+                    for event in await self.events(job_id, last):
+                        yield event
+                    return
+                continue
+            idle = 0
+            for entry_id, fields in reply[0][1]:
+                last = entry_id
+                event = _event(entry_id, fields)
+                yield event
+                if event.final:
+                    return
+
+    async def queue_depth(self) -> dict[str, int]:
+        """Pending jobs by service."""
+        depth: dict[str, int] = {}
+        ids = await self.redis.zrange(self.keys.pending, 0, -1)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for job_id in ids:
+                pipe.hget(self.keys.job(job_id), "service_required")
+            services = await pipe.execute()
+        for service in services:
+            depth[service or "?"] = depth.get(service or "?", 0) + 1
+        return depth
+
+    async def workers(self) -> list[WorkerInfo]:
+        ids = sorted(await self.redis.smembers(self.keys.workers_active))
+        infos = []
+        for worker_id in ids:
+            record = await self.redis.hgetall(self.keys.worker(worker_id))
+            alive = bool(await self.redis.exists(self.keys.heartbeat(worker_id)))
+            try:
+                caps = json.loads(record.get("capabilities", "{}"))
+            except ValueError:
+                caps = {}
+            infos.append(WorkerInfo(
+                worker_id=worker_id, status=record.get("status", "?"),
+                current_job_id=record.get("current_job_id", ""), alive=alive,
+                services=list(caps.get("job_service_required_map", [])),
+                completed=int(record.get("total_jobs_completed", 0) or 0),
+                failed=int(record.get("total_jobs_failed", 0) or 0),
+            ))
+        return infos
+
+
+def _event(entry_id: str, fields: Mapping[str, str]) -> JobEvent:
+    try:
+        data = json.loads(fields.get("data", "{}"))
+    except ValueError:
+        data = {}
+    return JobEvent(entry_id, fields.get("event", "?"), data if isinstance(data, dict) else {})

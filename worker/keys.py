@@ -1,0 +1,159 @@
+"""Every Redis key and pub/sub channel name emp-worker uses, in one place.
+
+The names without the ``emp:`` part are emp-job-queue's own (see PROTOCOL.md) and must not change:
+their API server and monitor read them. The ``emp:`` names are ours; an old reader ignores them.
+
+An optional prefix is put in front of every name. Production uses the empty prefix (their layout);
+tests use a unique prefix each so that they never touch keys they did not create.
+
+Lua scripts derive per-job keys (``job:{id}``...) from the prefix passed in ARGV, with the same
+suffixes as below: ``JOB``, ``PROGRESS_HASH``, ``PROGRESS_STREAM``, ``ACTIVE``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# Suffix templates shared with worker/scripts.py, which builds per-job keys inside Lua.
+JOB = "job:"
+PROGRESS_STREAM = "progress:"
+PROGRESS_HASH_SUFFIX = ":progress"
+ACTIVE = "jobs:active:"
+WORKER = "worker:"
+HEARTBEAT_SUFFIX = ":heartbeat"
+CLASS_QUEUE = "emp:q:"
+PENDING = "jobs:pending"
+COMPLETED = "jobs:completed"
+FAILED = "jobs:failed"
+WORKERS_ACTIVE = "workers:active"
+SEQ = "emp:seq"
+INDEXED = "emp:indexed"
+CLASSES = "emp:classes"
+LEASES = "emp:leases"
+DELAYED = "emp:delayed"
+REAPER_LOCK = "emp:reaper:lock"
+RECONCILE_LOCK = "emp:reconcile:lock"
+
+# Pub/sub channels: emp-job-queue's names.
+CH_JOB_SUBMITTED = "job_submitted"
+CH_JOB_CLAIMED = "job_claimed"
+CH_PROGRESS = "update_job_progress"
+CH_COMPLETE = "complete_job"
+CH_FAILED = "job_failed"
+CH_WORKER_STATUS = "worker_status"
+CH_CANCEL = "cancel_job"
+
+# Every suffix above, by name: worker/scripts.py substitutes these into the Lua sources.
+LUA_NAMES: dict[str, str] = {
+    name: value for name, value in dict(globals()).items() if name.isupper() and isinstance(value, str)
+}
+
+
+@dataclass(frozen=True)
+class Keys:
+    """Key and channel names under one prefix."""
+
+    prefix: str = ""
+
+    # --- emp-job-queue keys -------------------------------------------------------------------
+    def job(self, job_id: str) -> str:
+        return f"{self.prefix}{JOB}{job_id}"
+
+    def job_progress(self, job_id: str) -> str:
+        return f"{self.prefix}{JOB}{job_id}{PROGRESS_HASH_SUFFIX}"
+
+    @property
+    def pending(self) -> str:
+        return f"{self.prefix}{PENDING}"
+
+    def active(self, worker_id: str) -> str:
+        return f"{self.prefix}{ACTIVE}{worker_id}"
+
+    @property
+    def completed(self) -> str:
+        return f"{self.prefix}{COMPLETED}"
+
+    @property
+    def failed(self) -> str:
+        return f"{self.prefix}{FAILED}"
+
+    def worker(self, worker_id: str) -> str:
+        return f"{self.prefix}{WORKER}{worker_id}"
+
+    def heartbeat(self, worker_id: str) -> str:
+        return f"{self.prefix}{WORKER}{worker_id}{HEARTBEAT_SUFFIX}"
+
+    @property
+    def workers_active(self) -> str:
+        return f"{self.prefix}{WORKERS_ACTIVE}"
+
+    # --- emp-worker additions -------------------------------------------------------------------
+    def progress_stream(self, job_id: str) -> str:
+        """Redis Stream of every progress/lifecycle event of a job, replayable by clients."""
+        return f"{self.prefix}{PROGRESS_STREAM}{job_id}"
+
+    @property
+    def seq(self) -> str:
+        """Counter giving every indexed job a strictly increasing sequence number."""
+        return f"{self.prefix}{SEQ}"
+
+    @property
+    def indexed(self) -> str:
+        """Set of job ids present in a class queue (compared with jobs:pending to reconcile)."""
+        return f"{self.prefix}{INDEXED}"
+
+    @property
+    def classes(self) -> str:
+        """Hash: class queue key -> JSON {service, requirements, customer_id} of its jobs."""
+        return f"{self.prefix}{CLASSES}"
+
+    def class_queue(self, class_id: str) -> str:
+        """Sorted set of the pending jobs of one (service, requirements, customer) class."""
+        return f"{self.prefix}{CLASS_QUEUE}{class_id}"
+
+    @property
+    def leases(self) -> str:
+        """Sorted set: job id -> lease deadline (ms); expired entries are reaped."""
+        return f"{self.prefix}{LEASES}"
+
+    @property
+    def delayed(self) -> str:
+        """Sorted set: job id -> time (ms) a retried job becomes claimable again."""
+        return f"{self.prefix}{DELAYED}"
+
+    @property
+    def reconcile_lock(self) -> str:
+        return f"{self.prefix}{RECONCILE_LOCK}"
+
+    @property
+    def reaper_lock(self) -> str:
+        return f"{self.prefix}{REAPER_LOCK}"
+
+    # --- pub/sub channels (emp-job-queue names) -------------------------------------------------
+    @property
+    def ch_job_submitted(self) -> str:
+        return f"{self.prefix}{CH_JOB_SUBMITTED}"
+
+    @property
+    def ch_job_claimed(self) -> str:
+        return f"{self.prefix}{CH_JOB_CLAIMED}"
+
+    @property
+    def ch_progress(self) -> str:
+        return f"{self.prefix}{CH_PROGRESS}"
+
+    @property
+    def ch_complete(self) -> str:
+        return f"{self.prefix}{CH_COMPLETE}"
+
+    @property
+    def ch_failed(self) -> str:
+        return f"{self.prefix}{CH_FAILED}"
+
+    @property
+    def ch_worker_status(self) -> str:
+        return f"{self.prefix}{CH_WORKER_STATUS}"
+
+    @property
+    def ch_cancel(self) -> str:
+        return f"{self.prefix}{CH_CANCEL}"

@@ -1,0 +1,94 @@
+"""Progress coalescing: a connector may report thousands of times a second; Redis gets at most
+`rate_hz` updates per job per second, and always the last one."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Awaitable, Callable
+
+from worker.errors import EmpWorkerError, StaleJob
+from worker.queue import ProgressUpdate
+
+log = logging.getLogger(__name__)
+
+
+class Throttle:
+    """Pure rate decision: how long to wait before the next send."""
+
+    def __init__(self, rate_hz: float) -> None:
+        self.interval = 1.0 / rate_hz
+        self.last_sent = -math.inf
+
+    def delay(self, now: float) -> float:
+        return max(0.0, self.last_sent + self.interval - now)
+
+    def sent(self, now: float) -> None:
+        self.last_sent = now
+
+
+class ProgressReporter:
+    """Keeps only the latest update and sends it when the throttle allows."""
+
+    def __init__(
+        self,
+        send: Callable[[ProgressUpdate], Awaitable[None]],
+        rate_hz: float,
+        on_stale: Callable[[str], None],
+    ) -> None:
+        self._send = send
+        self._throttle = Throttle(rate_hz)
+        self._latest: ProgressUpdate | None = None
+        self._wake = asyncio.Event()
+        self._closing = False
+        self._on_stale = on_stale
+        self._task: asyncio.Task[None] | None = None
+        self.sent_count = 0
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._loop(), name="progress")
+
+    def report(self, percent: float, message: str, step: int | None, total: int | None) -> None:
+        self._latest = ProgressUpdate(percent, message, step, total)
+        self._wake.set()
+
+    async def _flush(self) -> None:
+        update, self._latest = self._latest, None
+        if update is None:
+            return
+        try:
+            await self._send(update)
+            self.sent_count += 1
+        except StaleJob as exc:
+            self._on_stale(str(exc))
+        except EmpWorkerError as exc:  # Redis trouble: progress is best effort, completion is not
+            log.warning("progress update not recorded: %s", exc)
+        self._throttle.sent(time.monotonic())
+
+    async def _loop(self) -> None:
+        while not self._closing:
+            await self._wake.wait()
+            self._wake.clear()
+            delay = self._throttle.delay(time.monotonic())
+            if delay > 0 and not self._closing:
+                with contextlib.suppress(TimeoutError):
+                    # the rate limit itself; closing cuts it short
+                    await asyncio.wait_for(self._closed_event(), timeout=delay)
+            await self._flush()
+
+    async def _closed_event(self) -> None:
+        while not self._closing:
+            await self._wake.wait()
+            self._wake.clear()
+
+    async def close(self) -> None:
+        """Send the last pending update (never dropped), then stop."""
+        self._closing = True
+        self._wake.set()
+        if self._task is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self._flush()

@@ -1,0 +1,171 @@
+"""The Redis side of the job lifecycle: every call is one atomic script from worker/scripts.py.
+
+Foreign errors (redis-py's) are translated here into worker.errors at the boundary.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.commands.core import AsyncScript
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from worker import scripts
+from worker.errors import InvalidJob, RedisUnavailable, StaleJob
+from worker.keys import Keys
+
+MAX_PROMOTE_PER_BEAT = 100
+
+
+@dataclass(frozen=True)
+class QueueConfig:
+    """Limits the scripts apply; the daemon builds it from Settings."""
+
+    lease_ms: int = 8000
+    stream_maxlen: int = 1000
+    stream_ttl_s: int = 7 * 86400
+    retention_s: int = 86400
+    retry_exclusion_ms: int = 30_000
+    reconcile_lock_ms: int = 2000
+
+
+@dataclass(frozen=True)
+class Claimed:
+    """A job this worker now holds: its fencing token and the raw hash fields."""
+
+    attempt: int
+    fields: dict[str, str]
+
+    @property
+    def job_id(self) -> str:
+        return self.fields.get("id", "")
+
+
+@dataclass(frozen=True)
+class ProgressUpdate:
+    progress: float
+    message: str = ""
+    current_step: int | None = None
+    total_steps: int | None = None
+    estimated_completion: str = ""
+
+
+@dataclass(frozen=True)
+class Beat:
+    renewed: int
+    promoted: int
+    lost: list[str]
+
+
+def _opt(value: int | None) -> str:
+    return "" if value is None else str(value)
+
+
+class Queue:
+    """Typed, atomic operations on the emp-job-queue layout."""
+
+    def __init__(self, client: aioredis.Redis, keys: Keys, config: QueueConfig) -> None:
+        self.redis = client
+        self.keys = keys
+        self.config = config
+        self._scripts: dict[str, AsyncScript] = {
+            name: client.register_script(source) for name, source in scripts.ALL.items()
+        }
+
+    async def _run(self, name: str, *args: str | int | float) -> Any:
+        try:
+            return await self._scripts[name](keys=[], args=[self.keys.prefix, *args])
+        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            raise RedisUnavailable(f"Redis is unreachable ({type(exc).__name__}); retrying") from exc
+
+    async def submit(self, job_id: str, fields: Mapping[str, str], score: float) -> str:
+        """Write a new job hash, add it to jobs:pending and our index; returns created_at."""
+        ok, detail = await self._run("submit", job_id, repr(score), json.dumps(dict(fields)))
+        if not ok:
+            raise InvalidJob(detail)
+        return str(detail)
+
+    async def claim(self, worker_id: str, capabilities: Mapping[str, Any], hint: str = "") -> Claimed | None:
+        c = self.config
+        try:
+            reply = await self._run(
+                "claim", worker_id, json.dumps(capabilities), c.lease_ms, hint,
+                c.stream_maxlen, c.stream_ttl_s, c.retention_s, c.retry_exclusion_ms,
+                c.reconcile_lock_ms,
+            )
+        except ResponseError as exc:  # a script error is a bug or a foreign record; never silent
+            raise RedisUnavailable(f"claim script failed: {exc}") from exc
+        if not reply:
+            return None
+        attempt, flat = int(reply[0]), reply[1:]
+        return Claimed(attempt, dict(zip(flat[::2], flat[1::2], strict=True)))
+
+    async def progress(self, job_id: str, worker_id: str, attempt: int, update: ProgressUpdate) -> None:
+        c = self.config
+        reply = await self._run(
+            "progress", job_id, worker_id, attempt, update.progress, update.message,
+            _opt(update.current_step), _opt(update.total_steps), c.stream_maxlen, c.stream_ttl_s,
+            update.estimated_completion,
+        )
+        self._fenced(reply, job_id)
+
+    async def complete(self, job_id: str, worker_id: str, attempt: int, result: str) -> None:
+        c = self.config
+        reply = await self._run(
+            "complete", job_id, worker_id, attempt, result, c.retention_s, c.stream_maxlen
+        )
+        self._fenced(reply, job_id)
+
+    async def fail(
+        self, job_id: str, worker_id: str, attempt: int, error: str, *, retryable: bool, backoff_ms: int
+    ) -> str:
+        """Returns 'retry' when the job went back to the queue, 'failed' when it failed for good."""
+        c = self.config
+        reply = await self._run(
+            "fail", job_id, worker_id, attempt, error, "1" if retryable else "0", backoff_ms,
+            c.retention_s, c.stream_maxlen,
+        )
+        self._fenced(reply, job_id)
+        return str(reply[1])
+
+    async def hand_back(self, job_id: str, worker_id: str, attempt: int, reason: str) -> None:
+        c = self.config
+        reply = await self._run(
+            "hand_back", job_id, worker_id, attempt, reason, c.stream_maxlen, c.stream_ttl_s
+        )
+        self._fenced(reply, job_id)
+
+    async def heartbeat(
+        self, worker_id: str, status: str, fields: Mapping[str, str], heartbeat_ttl_s: int
+    ) -> Beat:
+        reply = await self._run(
+            "heartbeat", worker_id, heartbeat_ttl_s, self.config.lease_ms, status,
+            json.dumps(dict(fields)), MAX_PROMOTE_PER_BEAT,
+        )
+        lost = [j for j in str(reply[2]).split(",") if j]
+        return Beat(int(reply[0]), int(reply[1]), lost)
+
+    async def reconcile(self) -> tuple[int, int]:
+        c = self.config
+        reply = await self._run("reconcile", c.reconcile_lock_ms, c.retention_s, c.stream_maxlen)
+        if int(reply[0]) < 0:
+            return (0, 0)
+        return (int(reply[0]), int(reply[1]))
+
+    async def cancel(self, job_id: str, reason: str) -> tuple[str, str]:
+        """Cancel a job; returns (previous status, holder). InvalidJob if it cannot be cancelled."""
+        reply = await self._run("cancel", job_id, reason, self.config.retention_s, self.config.stream_maxlen)
+        if not reply[0]:
+            raise InvalidJob(str(reply[1]))
+        return str(reply[1]), str(reply[2])
+
+    @staticmethod
+    def _fenced(reply: list[Any], job_id: str) -> None:
+        if not reply[0]:
+            raise StaleJob(f"job {job_id}: {reply[1]}")

@@ -1,0 +1,129 @@
+"""One validated, frozen settings object.
+
+Precedence: CLI options > environment > .env file > defaults. Every variable is ``EMP_<NAME>``;
+the emp-job-queue worker's own names (``HUB_REDIS_URL``, ``WORKER_ID``, ``MACHINE_ID``,
+``CONNECTORS``) are accepted as aliases so our binary drops into their PM2 set-up.
+A bad value raises ConfigError naming the variable, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+from typing import Any, Literal
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import AliasChoices, Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from worker.errors import ConfigError
+
+_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+
+
+def redact_url(url: str) -> str:
+    """The URL with any password replaced by ***, safe for logs and errors."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparseable url>"
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+
+
+def _env(name: str, default: Any, *aliases: str, **constraints: Any) -> Any:
+    """A field read from EMP_<NAME> (and any alias), or from the CLI under its own name."""
+    choices = AliasChoices(name, f"EMP_{name.upper()}", *aliases)
+    if "default_factory" in constraints:
+        return Field(validation_alias=choices, **constraints)
+    return Field(default, validation_alias=choices, **constraints)
+
+
+class Settings(BaseSettings):
+    """Everything the daemon reads from its environment. See .env.example for each meaning."""
+
+    model_config = SettingsConfigDict(
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        frozen=True,
+        populate_by_name=True,
+    )
+
+    redis_url: str = _env("redis_url", "redis://127.0.0.1:6379/0", "HUB_REDIS_URL")
+    key_prefix: str = _env("key_prefix", "")
+    worker_id: str = _env("worker_id", "", "WORKER_ID")
+    machine_id: str = _env("machine_id", None, "MACHINE_ID", default_factory=socket.gethostname)
+    connectors: str = _env("connectors", "simulation", "CONNECTORS")
+    heartbeat_interval_s: float = _env("heartbeat_interval_s", 2.0, gt=0, le=60)
+    lease_s: float = _env("lease_s", 8.0, gt=0, le=3600)
+    poll_interval_s: float = _env("poll_interval_s", 5.0, gt=0, le=300)
+    max_concurrent_jobs: int = _env("max_concurrent_jobs", 1, ge=1, le=64)
+    job_timeout_s: float = _env("job_timeout_s", 3600.0, gt=0)
+    grace_period_s: float = _env("grace_period_s", 30.0, ge=0)
+    retention_s: int = _env("retention_s", 86400, ge=60)
+    stream_maxlen: int = _env("stream_maxlen", 1000, ge=10, le=1_000_000)
+    progress_rate_hz: float = _env("progress_rate_hz", 10.0, gt=0, le=1000)
+    max_payload_bytes: int = _env("max_payload_bytes", 8 * 1024 * 1024, ge=1024)
+    max_result_bytes: int = _env("max_result_bytes", 4 * 1024 * 1024, ge=1024)
+    retry_backoff_s: float = _env("retry_backoff_s", 2.0, ge=0)
+    retry_backoff_max_s: float = _env("retry_backoff_max_s", 300.0, ge=0)
+    retry_exclusion_s: float = _env("retry_exclusion_s", 30.0, ge=0)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = _env("log_level", "INFO")
+    log_format: Literal["auto", "text", "json"] = _env("log_format", "auto")
+
+    @field_validator("redis_url")
+    @classmethod
+    def _check_url(cls, value: str) -> str:
+        scheme = urlsplit(value).scheme
+        if scheme not in ("redis", "rediss", "unix"):
+            raise ValueError("must be a redis://, rediss:// or unix:// URL")
+        return value
+
+    @field_validator("worker_id", "machine_id")
+    @classmethod
+    def _check_id(cls, value: str) -> str:
+        if value and not _ID.match(value):
+            raise ValueError("must be 1-128 characters of letters, digits and . _ : - ")
+        return value
+
+    @field_validator("connectors")
+    @classmethod
+    def _check_connectors(cls, value: str) -> str:
+        names = [n.strip() for n in value.split(",") if n.strip()]
+        if not names:
+            raise ValueError("must name at least one connector, e.g. simulation or comfyui,a1111")
+        return ",".join(names)
+
+    @property
+    def connector_names(self) -> list[str]:
+        return self.connectors.split(",")
+
+
+_SECRET_FIELDS = {"redis_url"}
+
+
+def _variable_name(field: str) -> str:
+    info = Settings.model_fields.get(field)
+    alias = info.validation_alias if info else None
+    if isinstance(alias, AliasChoices):
+        names = [c for c in alias.choices if isinstance(c, str) and c.isupper()]
+        return " / ".join(names) if names else field
+    return field
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build the settings (CLI overrides win); raise ConfigError with one readable line."""
+    clean = {k: v for k, v in overrides.items() if v is not None}
+    try:
+        return Settings(**clean)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        field = str(error["loc"][0]) if error["loc"] else "?"
+        value = error.get("input")
+        shown = redact_url(str(value)) if field in _SECRET_FIELDS else repr(value)
+        message = str(error["msg"]).removeprefix("Value error, ")
+        raise ConfigError(f"{_variable_name(field)}={shown}: {message}") from None
