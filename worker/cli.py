@@ -1,0 +1,236 @@
+"""The ``emp-worker`` command line.
+
+Precedence of every setting: CLI option > environment (EMP_*, or emp-job-queue's names) > .env
+file > default. Expected errors print one line and exit non-zero, without a traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import sys
+from collections.abc import Coroutine, Iterator
+from typing import Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn
+from rich.table import Table
+
+from worker import __version__
+from worker.errors import ConfigError, EmpWorkerError, InvalidJob
+from worker.settings import Settings, load_settings, redact_url
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="emp-worker: a GPU worker agent for the EmProps job queue.")
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
+T = TypeVar("T")
+
+REDIS_URL_HELP = "Redis URL [env: EMP_REDIS_URL, HUB_REDIS_URL]"
+
+
+def _version(value: bool) -> None:
+    if value:
+        out.print(f"emp-worker {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="Print the version and exit."),
+) -> None:
+    """emp-worker: claims jobs from Redis and runs them through connector plugins."""
+
+
+@contextlib.contextmanager
+def _clean_errors() -> Iterator[None]:
+    try:
+        yield
+    except ConfigError as exc:
+        err.print(f"[red]configuration error:[/red] {exc}", highlight=False)
+        raise typer.Exit(2) from None
+    except EmpWorkerError as exc:
+        err.print(f"[red]error:[/red] {exc}", highlight=False)
+        raise typer.Exit(1) from None
+    except (OSError, ConnectionError) as exc:
+        err.print(f"[red]error:[/red] cannot reach Redis: {type(exc).__name__}: {exc}", highlight=False)
+        raise typer.Exit(1) from None
+
+
+def _run(coro: Coroutine[Any, Any, T]) -> T:
+    with _clean_errors():
+        try:
+            return asyncio.run(coro)
+        except Exception as exc:
+            from redis.exceptions import ConnectionError as RedisConnectionError
+            from redis.exceptions import TimeoutError as RedisTimeoutError
+
+            if isinstance(exc, RedisConnectionError | RedisTimeoutError):
+                raise EmpWorkerError(f"cannot reach Redis: {exc}") from exc
+            raise
+
+
+def _settings(**overrides: Any) -> Settings:
+    with _clean_errors():
+        return load_settings(**overrides)
+
+
+@app.command()
+def run(
+    connectors: str = typer.Option(None, "--connectors", "-c",
+                                   help="Comma list of connectors [env: EMP_CONNECTORS, CONNECTORS]"),
+    redis_url: str = typer.Option(None, "--redis-url", help=REDIS_URL_HELP),
+    worker_id: str = typer.Option(None, "--worker-id", help="Worker id [env: EMP_WORKER_ID, WORKER_ID]"),
+    machine_id: str = typer.Option(None, "--machine-id", help="[env: EMP_MACHINE_ID, MACHINE_ID]"),
+    embedded: bool = typer.Option(False, "--embedded", help="Start a private Redis for a local trial."),
+) -> None:
+    """Start the worker daemon (until SIGTERM/SIGINT: then it drains and exits 0)."""
+    from worker.daemon import run_daemon
+
+    settings = _settings(connectors=connectors, redis_url=redis_url, worker_id=worker_id,
+                         machine_id=machine_id)
+    _run(run_daemon(settings, embedded=embedded))
+
+
+@app.command()
+def submit(
+    service: str = typer.Option(..., "--service", "-s", help="service_required of the job"),
+    payload: str = typer.Option("{}", "--payload", "-p", help="JSON object"),
+    priority: int = typer.Option(50, "--priority", help="Higher runs first"),
+    requirements: str = typer.Option("", "--requirements", help="JSON object"),
+    customer_id: str = typer.Option("", "--customer-id"),
+    max_retries: int = typer.Option(3, "--max-retries"),
+    follow: bool = typer.Option(False, "--follow", "-f", help="Show progress; exit 0/1 on completion/failure"),
+    redis_url: str = typer.Option(None, "--redis-url", help=REDIS_URL_HELP),
+) -> None:
+    """Submit a job (exactly as the emp-job-queue API does)."""
+    settings = _settings(redis_url=redis_url)
+    with _clean_errors():
+        body = _json_object("--payload", payload)
+        reqs = _json_object("--requirements", requirements) if requirements else None
+    ok = _run(_submit(settings, service, body, priority, reqs, customer_id, max_retries, follow))
+    raise typer.Exit(0 if ok else 1)
+
+
+def _json_object(option: str, text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise InvalidJob(f"{option} is not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise InvalidJob(f"{option} must be a JSON object")
+    return value
+
+
+async def _submit(settings: Settings, service: str, payload: dict[str, Any], priority: int,
+                  requirements: dict[str, Any] | None, customer_id: str, max_retries: int,
+                  follow: bool) -> bool:
+    from worker.client import Client
+
+    async with Client.from_url(settings.redis_url, settings.key_prefix) as client:
+        job_id = await client.submit(service, payload, priority=priority, requirements=requirements,
+                                     customer_id=customer_id, max_retries=max_retries)
+        out.print(job_id, highlight=False)
+        if not follow:
+            return True
+        return await _follow(client, job_id)
+
+
+async def _follow(client: Any, job_id: str) -> bool:
+    status = "?"
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
+                  console=err, disable=not err.is_terminal) as bar:
+        task = bar.add_task("pending", total=100)
+        async for event in client.follow(job_id):
+            status = event.kind
+            if event.kind == "progress":
+                bar.update(task, completed=float(event.data.get("progress", 0)),
+                           description=str(event.data.get("message", "running")))
+            else:
+                bar.update(task, description=event.kind)
+            if not err.is_terminal:
+                err.print(f"{event.kind} {json.dumps(event.data)[:200]}", highlight=False)
+    job = await client.get(job_id)
+    if job.get("status") == "completed":
+        out.print(f"completed: {job.get('result', '')[:2000]}", highlight=False)
+        return True
+    out.print(f"{job.get('status', status)}: {job.get('error', '')}", highlight=False)
+    return False
+
+
+@app.command()
+def status(
+    redis_url: str = typer.Option(None, "--redis-url", help=REDIS_URL_HELP),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output"),
+) -> None:
+    """Queue depth by service, and the live workers with their state."""
+    settings = _settings(redis_url=redis_url)
+    depth, workers = _run(_status(settings))
+    if as_json or not out.is_terminal:
+        out.print_json(json.dumps({"pending": depth, "workers": [w.__dict__ for w in workers]}))
+        return
+    queue = Table(title=f"Pending jobs ({redact_url(settings.redis_url)})")
+    queue.add_column("service")
+    queue.add_column("pending", justify="right")
+    for service, count in sorted(depth.items()):
+        queue.add_row(service, str(count))
+    out.print(queue)
+    table = Table(title="Workers")
+    for column in ("worker", "status", "alive", "job", "services", "done", "failed"):
+        table.add_column(column)
+    for w in workers:
+        table.add_row(w.worker_id, w.status, "yes" if w.alive else "no", w.current_job_id,
+                      ",".join(w.services), str(w.completed), str(w.failed))
+    out.print(table)
+
+
+async def _status(settings: Settings) -> tuple[dict[str, int], list[Any]]:
+    from worker.client import Client
+
+    async with Client.from_url(settings.redis_url, settings.key_prefix) as client:
+        return await client.queue_depth(), await client.workers()
+
+
+@app.command()
+def cancel(
+    job_id: str = typer.Argument(..., help="The job to cancel"),
+    redis_url: str = typer.Option(None, "--redis-url", help=REDIS_URL_HELP),
+) -> None:
+    """Cancel a pending or running job."""
+    settings = _settings(redis_url=redis_url)
+
+    async def go() -> str:
+        from worker.client import Client
+
+        async with Client.from_url(settings.redis_url, settings.key_prefix) as client:
+            return await client.cancel(job_id)
+
+    previous = _run(go())
+    out.print(f"cancelled (was {previous})")
+
+
+@app.command()
+def demo(
+    jobs: int = typer.Option(24, "--jobs", min=1, max=10_000, help="How many jobs to submit"),
+    workers: int = typer.Option(3, "--workers", min=1, max=64, help="Simulation workers to run"),
+    duration: float = typer.Option(1.0, "--duration", min=0, max=60, help="Seconds per job"),
+) -> None:
+    """A local demo: private Redis, simulation workers, a batch of jobs, live progress, summary."""
+    from worker.demo import run_demo
+
+    ok = _run(run_demo(jobs=jobs, workers=workers, duration_s=duration, console=out))
+    raise typer.Exit(0 if ok else 1)
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,152 @@
+"""`emp-worker demo`: a private Redis, simulation workers, a batch of mixed-priority jobs moving
+through the queue with live progress, and a summary table."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import random
+import time
+import uuid
+from typing import Any
+
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from connectors.base import ConnectorConfig
+from connectors.manager import Plugins
+from worker.agent import Worker
+from worker.client import Client, connect
+from worker.embedded import EmbeddedRedis
+from worker.keys import Keys
+from worker.protocol import parse_time
+from worker.settings import load_settings
+
+PRIORITIES = (90, 70, 50, 30)
+FINAL = ("completed", "failed", "cancelled")
+
+
+async def run_demo(*, jobs: int, workers: int, duration_s: float, console: Console) -> bool:
+    """Returns True when every job reached a final state."""
+    external = os.environ.get("EMP_REDIS_URL") or os.environ.get("HUB_REDIS_URL")
+    with contextlib.ExitStack() as stack:
+        if external:
+            url, prefix = external, f"demo:{uuid.uuid4().hex[:8]}:"
+            console.print(f"Using the configured Redis under key prefix {prefix}")
+        else:
+            server = stack.enter_context(EmbeddedRedis())
+            url, prefix = server.url, ""
+            console.print(f"Started a private redis-server on {server.url} ({server.binary})")
+        return await _demo(url, prefix, jobs, workers, duration_s, console)
+    return False  # unreachable; keeps type checkers content
+
+
+async def _demo(url: str, prefix: str, jobs: int, workers: int, duration_s: float, console: Console) -> bool:
+    settings = load_settings(redis_url=url, key_prefix=prefix, connectors="simulation",
+                             heartbeat_interval_s=1.0, retry_backoff_s=0.2, retry_exclusion_s=0.0,
+                             machine_id="demo", log_level="WARNING")
+    plugins = Plugins()
+    running: list[tuple[Worker, asyncio.Task[None]]] = []
+    conns = []
+    for index in range(workers):
+        worker_id = f"demo-sim-{index}"
+        conn = connect(url)
+        conns.append(conn)
+        connectors = plugins.create_connectors(["simulation"], ConnectorConfig(worker_id))
+        worker = Worker(settings, conn, connectors, worker_id=worker_id, plugins=plugins,
+                        hardware={"gpu_memory_gb": 24, "gpu_model": "simulated", "ram_gb": 64, "cpu_cores": 8})
+        running.append((worker, asyncio.create_task(worker.run())))
+    client = Client(connect(url), Keys(prefix))
+    rng = random.Random(7)
+    ids: list[str] = []
+    try:
+        for n in range(jobs):
+            payload = {"duration_s": duration_s * rng.uniform(0.5, 1.5), "steps": 10,
+                       "failure_rate": 0.15, "output_bytes": 64}
+            ids.append(await client.submit("simulation", payload, priority=PRIORITIES[n % 4], max_retries=3))
+        console.print(f"Submitted {jobs} jobs with priorities {', '.join(map(str, PRIORITIES))} "
+                      f"to {workers} simulation workers")
+        await _watch(client, ids, console, timeout_s=120 + jobs * duration_s * 3 / workers)
+        rows = [await client.get(job_id) for job_id in ids]
+        console.print(_summary(rows))
+        return all(row.get("status") in FINAL for row in rows)
+    finally:
+        for worker, _task in running:
+            worker.request_stop()
+        await asyncio.gather(*(task for _w, task in running), return_exceptions=True)
+        await client.redis.aclose()
+        for conn in conns:
+            await conn.aclose()
+
+
+async def _snapshot(client: Client, ids: list[str]) -> list[dict[str, str]]:
+    async with client.redis.pipeline(transaction=False) as pipe:
+        for job_id in ids:
+            pipe.hmget(client.keys.job(job_id), "status", "priority", "worker_id", "retry_count")
+            pipe.hget(client.keys.job_progress(job_id), "progress")
+        replies = await pipe.execute()
+    rows = []
+    for job_id, fields, progress in zip(ids, replies[::2], replies[1::2], strict=True):
+        status, priority, worker, retries = fields
+        rows.append({"id": job_id, "status": status or "?", "priority": priority or "",
+                     "worker": worker or "", "retries": retries or "0", "progress": progress or "0"})
+    return rows
+
+
+def _live_table(rows: list[dict[str, str]]) -> Table:
+    table = Table(title="Jobs", expand=False)
+    for column in ("job", "prio", "status", "progress", "worker", "retries"):
+        table.add_column(column)
+    for row in rows:
+        pct = float(row["progress"]) if row["status"] != "completed" else 100.0
+        bar = "#" * int(pct / 10) + "." * (10 - int(pct / 10))
+        table.add_row(row["id"][:8], row["priority"], row["status"], f"{bar} {pct:3.0f}%",
+                      row["worker"], row["retries"])
+    return table
+
+
+async def _watch(client: Client, ids: list[str], console: Console, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    last_line = ""
+    with Live(console=console, auto_refresh=False, transient=False) as live:
+        while time.monotonic() < deadline:
+            rows = await _snapshot(client, ids)
+            counts: dict[str, int] = {}
+            for row in rows:
+                counts[row["status"]] = counts.get(row["status"], 0) + 1
+            line = "  ".join(f"{k}={v}" for k, v in sorted(counts.items()))
+            if console.is_terminal:
+                live.update(_live_table(rows), refresh=True)
+            elif line != last_line:
+                console.print(f"queue: {line}", highlight=False)
+            last_line = line
+            if sum(counts.get(s, 0) for s in FINAL) == len(ids):
+                return
+            await asyncio.sleep(0.1)  # display refresh rate
+
+
+def _ms_between(a: str | None, b: str | None) -> float | None:
+    start, end = parse_time(a), parse_time(b)
+    if start is None or end is None:
+        return None
+    return (end - start).total_seconds() * 1000
+
+
+def _summary(rows: list[dict[str, Any]]) -> Table:
+    table = Table(title="Summary (in claim order)")
+    for column in ("job", "priority", "status", "worker", "attempts", "waited ms", "ran ms"):
+        table.add_column(column)
+    ordered = sorted(rows, key=lambda r: r.get("assigned_at") or "~")
+    for row in ordered:
+        waited = _ms_between(row.get("created_at"), row.get("assigned_at"))
+        ran = row.get("processing_time", "")
+        table.add_row(row.get("id", "")[:8], row.get("priority", ""), row.get("status", ""),
+                      row.get("worker_id", ""), row.get("attempt", ""),
+                      f"{waited:.0f}" if waited is not None else "", ran)
+    done = sum(1 for r in rows if r.get("status") == "completed")
+    failed = sum(1 for r in rows if r.get("status") == "failed")
+    retried = sum(int(r.get("retry_count") or 0) for r in rows)
+    table.caption = f"{done} completed, {failed} failed, {retried} retries, {len(rows)} jobs"
+    return table
