@@ -22,7 +22,7 @@ def emp_connectors() -> Sequence[type[Any]]:  # type: ignore[empty-body]
 
 
 @hookspec
-def emp_capabilities(worker_id: str, capabilities: dict[str, Any]) -> dict[str, Any] | None:  # type: ignore[empty-body]
+def emp_capabilities(worker_id: str, capabilities: dict[str, Any]) -> dict[str, Any] | None:
     """Called when the worker (re)builds its capability record. Return custom capability keys
     to add (e.g. ``{"has_nvenc": True}``), or None. Must not block."""
 

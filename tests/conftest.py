@@ -86,7 +86,7 @@ async def start_worker(redis_url: str, keys: Keys) -> AsyncIterator[WorkerFactor
         worker = Worker(settings, conn, instances, worker_id=worker_id, hardware=hardware, plugins=plugins)
         task = asyncio.create_task(worker.run())
         started.append((worker, task, conn))
-        await wait_until(lambda: worker.state.value in ("idle", "busy"), timeout=10)
+        await wait_until(lambda: worker.state.value in ("idle", "busy"), within_s=10)
         return worker
 
     yield factory
@@ -98,10 +98,10 @@ async def start_worker(redis_url: str, keys: Keys) -> AsyncIterator[WorkerFactor
         await conn.aclose()
 
 
-async def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.01) -> None:
+async def wait_until(predicate: Callable[[], Any], within_s: float = 10.0, interval: float = 0.01) -> None:
     """Wait for a condition with a deadline (polling a condition, not sleeping for an outcome)."""
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
+    deadline = loop.time() + within_s
     while True:
         value = predicate()
         if asyncio.iscoroutine(value):
@@ -109,5 +109,5 @@ async def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, interv
         if value:
             return
         if loop.time() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s")
+            raise AssertionError(f"condition not met within {within_s}s")
         await asyncio.sleep(interval)

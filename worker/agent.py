@@ -75,10 +75,10 @@ class Backoff:
         self.failures = 0
 
 
-async def wait_for_event(event: asyncio.Event, timeout: float) -> bool:
-    """True if the event was set within `timeout` seconds."""
+async def wait_for_event(event: asyncio.Event, within_s: float) -> bool:
+    """True if the event was set within `within_s` seconds."""
     try:
-        await asyncio.wait_for(event.wait(), timeout)
+        await asyncio.wait_for(event.wait(), within_s)
     except TimeoutError:
         return False
     return True
@@ -157,7 +157,9 @@ class Worker:
         if new not in _TRANSITIONS[old]:
             raise RuntimeError(f"worker state cannot go from {old.value} to {new.value}")
         self.state = new
+        # old_status/new_status for their API, status/previous_status for their webhook service
         event = {"worker_id": self.worker_id, "old_status": old.value, "new_status": new.value,
+                 "status": new.value, "previous_status": old.value,
                  "current_job_id": next(iter(self.running), ""), "timestamp": int(time.time() * 1000)}
         with contextlib.suppress(RedisUnavailable, RedisConnectionError, RedisTimeoutError, OSError):
             await self.redis.publish(self.keys.ch_worker_status, json.dumps(event))
@@ -340,7 +342,7 @@ class Worker:
                 await asyncio.sleep(delay)  # reconnect backoff
             finally:
                 with contextlib.suppress(Exception):
-                    await pubsub.aclose()
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
 
     def _on_message(self, message: Mapping[str, Any]) -> None:
         try:

@@ -174,4 +174,6 @@ def _event(entry_id: str, fields: Mapping[str, str]) -> JobEvent:
         data = json.loads(fields.get("data", "{}"))
     except ValueError:
         data = {}
-    return JobEvent(entry_id, fields.get("event", "?"), data if isinstance(data, dict) else {})
+    # emp-job-queue's own claim script writes flat fields with a `status` and no `event`
+    kind = fields.get("event") or fields.get("status") or "?"
+    return JobEvent(entry_id, kind, data if isinstance(data, dict) else dict(fields))

@@ -84,7 +84,7 @@ async def _demo(url: str, prefix: str, jobs: int, workers: int, duration_s: floa
 async def _snapshot(client: Client, ids: list[str]) -> list[dict[str, str]]:
     async with client.redis.pipeline(transaction=False) as pipe:
         for job_id in ids:
-            pipe.hmget(client.keys.job(job_id), "status", "priority", "worker_id", "retry_count")
+            pipe.hmget(client.keys.job(job_id), ["status", "priority", "worker_id", "retry_count"])
             pipe.hget(client.keys.job_progress(job_id), "progress")
         replies = await pipe.execute()
     rows = []

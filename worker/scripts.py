@@ -38,6 +38,12 @@ local function now_ms()
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 
+-- Microseconds since the epoch, as an exact decimal string (pickup latency is sub-millisecond).
+local function now_us()
+  local t = redis.call('TIME')
+  return t[1] .. string.format('%06d', tonumber(t[2]))
+end
+
 -- Milliseconds since the epoch -> '2026-01-02T03:04:05.678Z' (civil-from-days, proleptic UTC).
 local function iso(ms)
   local s = math.floor(ms / 1000)
@@ -184,6 +190,7 @@ local function final_fail(id, j, worker, err, retry_count, retention, maxlen)
   unindex_job(id, j['emp_class'], j['emp_member'])
   redis.call('HSET', K('@FAILED@'), id, cjson.encode({
     error = err, failed_at = at, retry_count = retry_count }))
+  redis.call('EXPIRE', K('@FAILED@'), retention)
   redis.call('EXPIRE', jk, retention)
   redis.call('EXPIRE', K('@JOB@' .. id .. '@PROGRESS_HASH_SUFFIX@'), retention)
   stream_event(id, 'failed', { error = err, retry_count = retry_count }, maxlen, retention)
@@ -333,7 +340,7 @@ local ms = now_ms()
 if not fields['created_at'] or fields['created_at'] == '' then fields['created_at'] = iso(ms) end
 local flat = {}
 for f, v in pairs(fields) do flat[#flat + 1] = f; flat[#flat + 1] = tostring(v) end
-redis.call('HSET', jk, 'id', id, 'status', 'pending', 'emp_submitted_ms', tostring(ms), unpack(flat))
+redis.call('HSET', jk, 'id', id, 'status', 'pending', 'emp_submitted_us', now_us(), unpack(flat))
 redis.call('ZADD', K('@PENDING@'), ARGV[3], id)
 local r = index_job(id)
 if string.sub(r, 1, 8) == 'invalid:' then
@@ -457,7 +464,7 @@ redis.call('ZREM', K('@PENDING@'), id)
 local attempt = redis.call('HINCRBY', jk, 'attempt', 1)
 local at = iso(now)
 redis.call('HSET', jk, 'status', 'assigned', 'worker_id', worker, 'assigned_at', at,
-  'emp_claimed_ms', tostring(now), 'emp_lease_until', tostring(now + lease_ms))
+  'emp_claimed_us', now_us(), 'emp_lease_until', tostring(now + lease_ms))
 redis.call('ZADD', K('@LEASES@'), now + lease_ms, id)
 local j = hgetall(jk)
 redis.call('HSET', K('@ACTIVE@' .. worker), id, cjson.encode(j))
@@ -542,6 +549,7 @@ local result = decode(ARGV[5])
 if result == nil then result = ARGV[5] end
 redis.call('HSET', K('@COMPLETED@'), id, cjson.encode({ success = true, data = result,
   completed_at = at }))
+redis.call('EXPIRE', K('@COMPLETED@'), retention)  -- as their worker does: the hash lives on while written
 local wk = K('@WORKER@' .. worker)
 redis.call('HINCRBY', wk, 'total_jobs_completed', 1)
 redis.call('HSET', wk, 'status', 'idle', 'current_job_id', '')

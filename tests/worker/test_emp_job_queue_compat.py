@@ -65,10 +65,10 @@ async def test_job_from_their_api_is_claimed_progressed_completed(
     try:
         await start_worker("their-api-worker")
         job_id = await _submit_like_their_api(redis, keys, 75, {"duration_s": 0.05, "steps": 4})
-        await wait_until(lambda: len(events[keys.ch_complete]) == 1, timeout=15)
+        await wait_until(lambda: len(events[keys.ch_complete]) == 1, within_s=15)
     finally:
         collector.cancel()
-        await pubsub.aclose()
+        await pubsub.aclose()  # type: ignore[no-untyped-call]
 
     (claimed,) = events[keys.ch_job_claimed]
     assert claimed["job_id"] == job_id and claimed["worker_id"] == "their-api-worker"

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import json
 
-from tests.conftest import WorkerFactory, wait_until
+from tests.conftest import WorkerFactory
 from worker.client import Client
 
 

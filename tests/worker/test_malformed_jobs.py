@@ -45,7 +45,7 @@ async def test_malformed_job_fails_readably_and_worker_goes_on(
     async def failed() -> bool:
         return (await client.get(bad)).get("status") == "failed"
 
-    await wait_until(failed, timeout=15)
+    await wait_until(failed, within_s=15)
     job = await client.get(bad)
     assert expected in job["error"], job["error"]
     assert json.loads(await redis.hget(keys.failed, bad))["error"] == job["error"]
