@@ -30,7 +30,7 @@ MAX_OUTPUT_BYTES = 16 * 1024 * 1024
 
 
 class SimulationDefaults(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="EMP_SIM_", extra="ignore", frozen=True)
+    model_config = SettingsConfigDict(env_prefix="EMP_SIM_", extra="ignore", frozen=True, env_ignore_empty=True)
 
     duration_s: float = Field(2.0, ge=0, le=MAX_DURATION_S)
     steps: int = Field(10, ge=1, le=MAX_STEPS)

@@ -51,6 +51,7 @@ class Settings(BaseSettings):
         extra="ignore",
         frozen=True,
         populate_by_name=True,
+        env_ignore_empty=True,
     )
 
     redis_url: str = _env("redis_url", "redis://127.0.0.1:6379/0", "HUB_REDIS_URL")
