@@ -112,6 +112,7 @@ def queue_config(settings: Settings) -> QueueConfig:
         stream_ttl_s=int(settings.retention_s + settings.job_timeout_s),
         retention_s=settings.retention_s,
         retry_exclusion_ms=int(settings.retry_exclusion_s * 1000),
+        reap_period_ms=max(200, int(settings.heartbeat_interval_s * 500)),
     )
 
 
@@ -281,12 +282,15 @@ class Worker:
         await self._refresh_health()
         ttl = max(int(self.settings.heartbeat_interval_s * 3), int(self.settings.lease_s) + 1)
         status = self.state.value if self.state is not WorkerState.STARTING else "idle"
-        beat = await self.queue.heartbeat(self.worker_id, status, self._record_fields(), ttl)
+        held = {job_id: job.attempt for job_id, job in self.running.items()}
+        beat = await self.queue.heartbeat(self.worker_id, status, self._record_fields(), ttl, held)
+        if beat.reaped:
+            log.warning("reaper: %d job(s) with an expired lease put back or failed", beat.reaped)
         for job_id in beat.lost:
             if job_id in self.running:
                 log.warning("job %s is no longer held by %s; stopping it", job_id, self.worker_id)
                 self.running[job_id].stop("lease_lost")
-        if beat.promoted:
+        if beat.promoted or beat.reaped:
             self.wake.set()
 
     async def _refresh_health(self) -> None:

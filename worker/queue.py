@@ -20,7 +20,7 @@ from worker import scripts
 from worker.errors import InvalidJob, RedisUnavailable, StaleJob
 from worker.keys import Keys
 
-MAX_PROMOTE_PER_BEAT = 100
+MAX_PER_BEAT = 100
 
 
 @dataclass(frozen=True)
@@ -33,6 +33,7 @@ class QueueConfig:
     retention_s: int = 86400
     retry_exclusion_ms: int = 30_000
     reconcile_lock_ms: int = 2000
+    reap_period_ms: int = 1000
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,7 @@ class Beat:
     renewed: int
     promoted: int
     lost: list[str]
+    reaped: int = 0
 
 
 def _opt(value: int | None) -> str:
@@ -142,14 +144,19 @@ class Queue:
         self._fenced(reply, job_id)
 
     async def heartbeat(
-        self, worker_id: str, status: str, fields: Mapping[str, str], heartbeat_ttl_s: int
+        self, worker_id: str, status: str, fields: Mapping[str, str], heartbeat_ttl_s: int,
+        running: Mapping[str, int],
     ) -> Beat:
+        """Refresh the worker, renew its leases (`running`: job id -> attempt), promote due
+        retries and, when this worker holds the reaper lock, reap expired leases."""
+        c = self.config
         reply = await self._run(
-            "heartbeat", worker_id, heartbeat_ttl_s, self.config.lease_ms, status,
-            json.dumps(dict(fields)), MAX_PROMOTE_PER_BEAT,
+            "heartbeat", worker_id, heartbeat_ttl_s, c.lease_ms, status, json.dumps(dict(fields)),
+            MAX_PER_BEAT, json.dumps(dict(running)) if running else "{}", c.reap_period_ms,
+            c.retention_s, c.stream_maxlen,
         )
         lost = [j for j in str(reply[2]).split(",") if j]
-        return Beat(int(reply[0]), int(reply[1]), lost)
+        return Beat(int(reply[0]), int(reply[1]), lost, int(reply[3]))
 
     async def reconcile(self) -> tuple[int, int]:
         c = self.config

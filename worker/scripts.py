@@ -652,39 +652,47 @@ return {1}
 HEARTBEAT = _render(
     _COMMON,
     _INDEX,
+    _FINAL_FAIL,
+    _REQUEUE,
     r"""
--- Heartbeat: refresh the worker record and heartbeat key, renew the leases of the jobs this
--- worker holds, and promote delayed retries that are due.
--- ARGV: 1 prefix, 2 worker id, 3 heartbeat ttl s, 4 lease ms, 5 status, 6 JSON object of extra
---       worker fields to set (capabilities...), 7 max delayed jobs to promote.
--- Returns {leases renewed, jobs promoted, jobs this worker no longer holds (comma list)}.
+-- Heartbeat, one command per beat:
+--  * refresh the worker record, its heartbeat key and workers:active;
+--  * renew the leases of the jobs this worker runs (holder and attempt checked); report the ones
+--    it no longer holds (reaped, cancelled, taken over) so it stops them;
+--  * promote delayed retries that are due;
+--  * once per reap period fleet-wide (a lock), reap: put jobs whose lease expired back in the
+--    queue at their original place (spending an attempt), or fail them when none are left, and
+--    mark workers whose heartbeat key is gone offline.
+-- ARGV: 1 prefix, 2 worker id, 3 heartbeat ttl s, 4 lease ms, 5 status, 6 JSON object of worker
+--       fields to set, 7 max jobs to promote/reap per beat, 8 JSON object {job id: attempt} of
+--       the jobs this worker runs, 9 reap period ms, 10 retention s, 11 stream maxlen.
+-- Returns {leases renewed, jobs promoted, lost job ids (comma list), jobs reaped}.
 local worker = ARGV[2]
 local ms = now_ms()
 local at = iso(ms)
+local limit, retention, maxlen = tonumber(ARGV[7]), tonumber(ARGV[10]), tonumber(ARGV[11])
 local wk = K('@WORKER@' .. worker)
 redis.call('SET', K('@WORKER@' .. worker .. '@HEARTBEAT_SUFFIX@'), at, 'EX', tonumber(ARGV[3]))
 redis.call('SADD', K('@WORKERS_ACTIVE@'), worker)
-local extra = cjson.decode(ARGV[6])
-for f, v in pairs(extra) do redis.call('HSET', wk, f, tostring(v)) end
+for f, v in pairs(cjson.decode(ARGV[6])) do redis.call('HSET', wk, f, tostring(v)) end
 redis.call('HSET', wk, 'worker_id', worker, 'status', ARGV[5], 'last_heartbeat', at)
-if redis.call('HEXISTS', wk, 'connected_at') == 0 then redis.call('HSET', wk, 'connected_at', at) end
+redis.call('HSETNX', wk, 'connected_at', at)
+
 local renewed, lost = 0, {}
-local held = redis.call('HKEYS', K('@ACTIVE@' .. worker))
-for _, id in ipairs(held) do
-  local owner = redis.call('HMGET', K('@JOB@' .. id), 'worker_id', 'status')
-  if owner[1] == worker and (owner[2] == 'assigned' or owner[2] == 'in_progress') then
-    redis.call('ZADD', K('@LEASES@'), 'XX', ms + tonumber(ARGV[4]), id)
+for id, attempt in pairs(cjson.decode(ARGV[8])) do
+  local f = redis.call('HMGET', K('@JOB@' .. id), 'worker_id', 'status', 'attempt')
+  if f[1] == worker and (f[2] == 'assigned' or f[2] == 'in_progress') and f[3] == tostring(attempt) then
+    redis.call('ZADD', K('@LEASES@'), ms + tonumber(ARGV[4]), id)
     renewed = renewed + 1
   else
     lost[#lost + 1] = id
   end
 end
+
 local promoted = 0
-local due = redis.call('ZRANGEBYSCORE', K('@DELAYED@'), '-inf', ms, 'LIMIT', 0, tonumber(ARGV[7]))
-for _, id in ipairs(due) do
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', K('@DELAYED@'), '-inf', ms, 'LIMIT', 0, limit)) do
   redis.call('ZREM', K('@DELAYED@'), id)
-  local jk = K('@JOB@' .. id)
-  local f = redis.call('HMGET', jk, 'status', 'emp_pending_score')
+  local f = redis.call('HMGET', K('@JOB@' .. id), 'status', 'emp_pending_score')
   if f[1] == 'pending' then
     redis.call('ZADD', K('@PENDING@'), f[2] or '0', id)
     index_job(id)
@@ -692,7 +700,42 @@ for _, id in ipairs(due) do
     promoted = promoted + 1
   end
 end
-return {renewed, promoted, table.concat(lost, ',')}
+
+local reaped = 0
+if redis.call('SET', K('@REAPER_LOCK@'), worker, 'NX', 'PX', tonumber(ARGV[9])) then
+  for _, id in ipairs(redis.call('ZRANGEBYSCORE', K('@LEASES@'), '-inf', ms, 'LIMIT', 0, limit)) do
+    redis.call('ZREM', K('@LEASES@'), id)
+    local j = hgetall(K('@JOB@' .. id))
+    if j['status'] == 'assigned' or j['status'] == 'in_progress' then
+      local holder = j['worker_id'] or ''
+      if holder ~= '' then
+        redis.call('HDEL', K('@ACTIVE@' .. holder), id)
+        redis.call('HSET', K('@WORKER@' .. holder), 'current_job_id', '')
+      end
+      local count = (tonumber(j['retry_count']) or 0) + 1
+      local err = 'lease expired: worker ' .. holder .. ' stopped renewing it'
+      if count <= (tonumber(j['max_retries']) or 3) then
+        redis.call('HSET', K('@JOB@' .. id), 'retry_count', tostring(count), 'error', err,
+          'last_failed_worker', holder, 'emp_last_failed_ms', tostring(ms))
+        requeue(id, j, 0)
+        stream_event(id, 'requeued', { reason = err, retry_count = count }, maxlen, retention)
+        publish('@CH_JOB_SUBMITTED@', { job_id = id, service_required = j['service_required'],
+          retry = true, timestamp = ms })
+      else
+        final_fail(id, j, holder, err, count, retention, maxlen)
+      end
+      reaped = reaped + 1
+    end
+  end
+  for _, w in ipairs(redis.call('SMEMBERS', K('@WORKERS_ACTIVE@'))) do
+    if redis.call('EXISTS', K('@WORKER@' .. w .. '@HEARTBEAT_SUFFIX@')) == 0 then
+      redis.call('SREM', K('@WORKERS_ACTIVE@'), w)
+      redis.call('HSET', K('@WORKER@' .. w), 'status', 'offline', 'current_job_id', '')
+      redis.call('EXPIRE', K('@WORKER@' .. w), retention)
+    end
+  end
+end
+return {renewed, promoted, table.concat(lost, ','), reaped}
 """,
 )
 
