@@ -28,7 +28,7 @@ out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
 T = TypeVar("T")
 
-REDIS_URL_HELP = "Redis URL [env: EMP_REDIS_URL, HUB_REDIS_URL]"
+REDIS_URL_HELP = "Redis URL \\[env: EMP_REDIS_URL, HUB_REDIS_URL]"
 
 
 def _version(value: bool) -> None:
@@ -81,10 +81,10 @@ def _settings(**overrides: Any) -> Settings:
 @app.command()
 def run(
     connectors: str = typer.Option(None, "--connectors", "-c",
-                                   help="Comma list of connectors [env: EMP_CONNECTORS, CONNECTORS]"),
+                                   help="Comma list of connectors \\[env: EMP_CONNECTORS, CONNECTORS]"),
     redis_url: str = typer.Option(None, "--redis-url", help=REDIS_URL_HELP),
-    worker_id: str = typer.Option(None, "--worker-id", help="Worker id [env: EMP_WORKER_ID, WORKER_ID]"),
-    machine_id: str = typer.Option(None, "--machine-id", help="[env: EMP_MACHINE_ID, MACHINE_ID]"),
+    worker_id: str = typer.Option(None, "--worker-id", help="Worker id \\[env: EMP_WORKER_ID, WORKER_ID]"),
+    machine_id: str = typer.Option(None, "--machine-id", help="\\[env: EMP_MACHINE_ID, MACHINE_ID]"),
     embedded: bool = typer.Option(False, "--embedded", help="Start a private Redis for a local trial."),
 ) -> None:
     """Start the worker daemon (until SIGTERM/SIGINT: then it drains and exits 0)."""

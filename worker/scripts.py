@@ -148,7 +148,15 @@ local function index_job(id)
   if j['status'] ~= 'pending' then return 'skip' end
   local pscore = redis.call('ZSCORE', K('@PENDING@'), id)
   if not pscore then return 'skip' end
+  local req = j['requirements'] or ''
+  local cust = j['customer_id'] or ''
+  -- a class leaves emp:classes when its queue empties; (re)register it whenever a job enters
+  local function register(class)
+    redis.call('HSETNX', K('@CLASSES@'), class, cjson.encode({
+      service = j['service_required'], requirements = req, customer_id = cust }))
+  end
   if j['emp_member'] and j['emp_class'] then
+    register(j['emp_class'])
     redis.call('ZADD', K('@CLASS_QUEUE@' .. j['emp_class']), j['emp_score'], j['emp_member'])
     redis.call('SADD', K('@INDEXED@'), id)
     return 'already'
@@ -159,11 +167,8 @@ local function index_job(id)
   local eff = to_ms(j['workflow_datetime']) or to_ms(j['created_at']) or now_ms()
   local seq = redis.call('INCR', K('@SEQ@'))
   local member = string.format('%013.0f:%012.0f:%s', eff, seq, id)
-  local req = j['requirements'] or ''
-  local cust = j['customer_id'] or ''
   local class = redis.sha1hex(j['service_required'] .. '\n' .. req .. '\n' .. cust)
-  redis.call('HSETNX', K('@CLASSES@'), class, cjson.encode({
-    service = j['service_required'], requirements = req, customer_id = cust }))
+  register(class)
   redis.call('ZADD', K('@CLASS_QUEUE@' .. class), -prio, member)
   redis.call('SADD', K('@INDEXED@'), id)
   redis.call('HSET', jk, 'emp_member', member, 'emp_class', class, 'emp_score', tostring(-prio),

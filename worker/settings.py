@@ -35,8 +35,8 @@ def redact_url(url: str) -> str:
 
 
 def _env(name: str, default: Any, *aliases: str, **constraints: Any) -> Any:
-    """A field read from EMP_<NAME> (and any alias), or from the CLI under its own name."""
-    choices = AliasChoices(name, f"EMP_{name.upper()}", *aliases)
+    """A field read from EMP_<NAME> (and any alias); load_settings passes CLI values as EMP_<NAME>."""
+    choices = AliasChoices(f"EMP_{name.upper()}", *aliases)
     if "default_factory" in constraints:
         return Field(validation_alias=choices, **constraints)
     return Field(default, validation_alias=choices, **constraints)
@@ -50,7 +50,6 @@ class Settings(BaseSettings):
         env_file_encoding="utf-8",
         extra="ignore",
         frozen=True,
-        populate_by_name=True,
         env_ignore_empty=True,
     )
 
@@ -118,7 +117,7 @@ def _variable_name(field: str) -> str:
 
 def load_settings(**overrides: Any) -> Settings:
     """Build the settings (CLI overrides win); raise ConfigError with one readable line."""
-    clean = {k: v for k, v in overrides.items() if v is not None}
+    clean = {f"EMP_{k.upper()}": v for k, v in overrides.items() if v is not None}
     try:
         return Settings(**clean)
     except ValidationError as exc:

@@ -80,3 +80,16 @@ async def test_service_mismatch_is_not_claimed(client: Client, redis: aioredis.R
     order = await _drain(Queue(redis, keys, QueueConfig()))
     assert order == [mine]
     assert (await client.get(other))["status"] == "pending"
+
+
+async def test_retried_job_is_claimable_after_its_class_queue_emptied(
+    client: Client, redis: aioredis.Redis, keys: Keys
+) -> None:
+    queue = Queue(redis, keys, QueueConfig())
+    job_id = await client.submit("simulation", {})
+    claimed = await queue.claim("w1", CAPS)
+    assert claimed is not None
+    assert await queue.claim("w1", CAPS) is None  # the empty class is dropped from emp:classes here
+    assert await queue.fail(job_id, "w1", claimed.attempt, "engine crashed", retryable=True, backoff_ms=0) == "retry"
+    again = await queue.claim("w2", CAPS)
+    assert again is not None and again.job_id == job_id and again.attempt == 2
