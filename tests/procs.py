@@ -24,7 +24,7 @@ class WorkerProcess:
         }
         values.update({k: str(v) for k, v in env.items()})
         self.env = {**os.environ, **values}
-        self.log = tempfile.TemporaryFile()
+        self.log = tempfile.TemporaryFile()  # noqa: SIM115 -- lives as long as this object; closed on exit
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> WorkerProcess:
