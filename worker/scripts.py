@@ -125,7 +125,8 @@ local function check_job(j)
   if not svc or svc == '' then return 'service_required is missing' end
   if #svc > MAX_SERVICE_LEN then return 'service_required is longer than 128 characters' end
   if j['priority'] and j['priority'] ~= '' and not tonumber(j['priority']) then
-    return 'priority is not a number: ' .. string.sub(j['priority'], 1, 40)
+    -- echo untrusted input only as printable ASCII
+    return 'priority is not a number: ' .. string.gsub(string.sub(j['priority'], 1, 40), '[^ -~]', '?')
   end
   local req = j['requirements']
   if req and req ~= '' then
