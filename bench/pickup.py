@@ -118,7 +118,7 @@ async def main(jobs: int, idle_s: float) -> None:
         exe = Path(sys.executable).with_name("emp-worker")
         proc = await asyncio.create_subprocess_exec(str(exe), "run", env=env)
         try:
-            while not await client.redis.exists(client.keys.heartbeat("bench-worker")):  # noqa: ASYNC110
+            while not await client.redis.exists(client.keys.heartbeat("bench-worker")):
                 await asyncio.sleep(0.05)  # polling another process's registration
             await pickups(client, 20)  # warm-up
             lat = await pickups(client, jobs)
