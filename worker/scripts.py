@@ -304,8 +304,11 @@ end
 local function matches(caps, meta)
   local service = meta['service']
   if not contains(caps['services'], service) then return false end
-  local req = decode(meta['requirements']) or {}
-  if type(req) ~= 'table' then return false end
+  local req = {}
+  if meta['requirements'] and meta['requirements'] ~= '' then
+    req = decode(meta['requirements'])
+    if type(req) ~= 'table' then return false end
+  end
   local pos, neg = req, {}
   if req['positive_requirements'] ~= nil or req['negative_requirements'] ~= nil then
     pos = type(req['positive_requirements']) == 'table' and req['positive_requirements'] or {}
@@ -792,6 +795,18 @@ return {1, status, holder}
 """,
 )
 
+MATCH_PROBE = _render(
+    _COMMON,
+    _MATCH,
+    r"""
+-- The claim script's matcher on its own, for the shared case table in the tests.
+-- ARGV: 1 prefix (unused), 2 capabilities JSON, 3 service, 4 requirements JSON or '', 5 customer id.
+-- Returns 1 when the worker may run the job, else 0.
+local meta = { service = ARGV[3], requirements = ARGV[4], customer_id = ARGV[5] }
+return matches(cjson.decode(ARGV[2]), meta) and 1 or 0
+""",
+)
+
 ALL: dict[str, str] = {
     "submit": SUBMIT,
     "claim": CLAIM,
@@ -802,4 +817,5 @@ ALL: dict[str, str] = {
     "heartbeat": HEARTBEAT,
     "reconcile": RECONCILE,
     "cancel": CANCEL,
+    "match_probe": MATCH_PROBE,
 }
