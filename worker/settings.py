@@ -103,7 +103,14 @@ class Settings(BaseSettings):
         return self.connectors.split(",")
 
 
-_SECRET_FIELDS = {"redis_url"}
+def _field_of(location: str) -> str:
+    """The field a validation error's location (a field name or one of its variables) is about."""
+    for name, info in Settings.model_fields.items():
+        alias = info.validation_alias
+        choices = alias.choices if isinstance(alias, AliasChoices) else []
+        if location == name or location in choices:
+            return name
+    return location
 
 
 def _variable_name(field: str) -> str:
@@ -115,6 +122,13 @@ def _variable_name(field: str) -> str:
     return field
 
 
+def _shown(value: Any) -> str:
+    """A value for an error message, with any URL password masked."""
+    if isinstance(value, str) and "://" in value:
+        return repr(redact_url(value))
+    return repr(value)
+
+
 def load_settings(**overrides: Any) -> Settings:
     """Build the settings (CLI overrides win); raise ConfigError with one readable line."""
     clean = {f"EMP_{k.upper()}": v for k, v in overrides.items() if v is not None}
@@ -122,8 +136,6 @@ def load_settings(**overrides: Any) -> Settings:
         return Settings(**clean)
     except ValidationError as exc:
         error = exc.errors()[0]
-        field = str(error["loc"][0]) if error["loc"] else "?"
-        value = error.get("input")
-        shown = redact_url(str(value)) if field in _SECRET_FIELDS else repr(value)
+        field = _field_of(str(error["loc"][0])) if error["loc"] else "?"
         message = str(error["msg"]).removeprefix("Value error, ")
-        raise ConfigError(f"{_variable_name(field)}={shown}: {message}") from None
+        raise ConfigError(f"{_variable_name(field)}={_shown(error.get('input'))}: {message}") from None
