@@ -86,13 +86,14 @@ def run(
     worker_id: str = typer.Option(None, "--worker-id", help="Worker id \\[env: EMP_WORKER_ID, WORKER_ID]"),
     machine_id: str = typer.Option(None, "--machine-id", help="\\[env: EMP_MACHINE_ID, MACHINE_ID]"),
     embedded: bool = typer.Option(False, "--embedded", help="Start a private Redis for a local trial."),
+    gpu: int = typer.Option(None, "--gpu", min=0, help="Pin this worker to GPU I (one process per GPU)."),
 ) -> None:
     """Start the worker daemon (until SIGTERM/SIGINT: then it drains and exits 0)."""
     from worker.daemon import run_daemon
 
     settings = _settings(connectors=connectors, redis_url=redis_url, worker_id=worker_id,
                          machine_id=machine_id)
-    _run(run_daemon(settings, embedded=embedded))
+    _run(run_daemon(settings, embedded=embedded, gpu_index=gpu))
 
 
 @app.command()

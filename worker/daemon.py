@@ -11,6 +11,7 @@ from connectors.manager import Plugins
 from worker.agent import Worker
 from worker.client import connect
 from worker.embedded import EmbeddedRedis
+from worker.errors import ConfigError
 from worker.hardware import discover, hardware_capabilities
 from worker.logs import setup_logging
 from worker.settings import Settings, redact_url
@@ -33,13 +34,17 @@ def _redis_url(settings: Settings, embedded: bool) -> Iterator[str]:
         yield server.url
 
 
-async def run_daemon(settings: Settings, *, embedded: bool = False) -> None:
+async def run_daemon(settings: Settings, *, embedded: bool = False, gpu_index: int | None = None) -> None:
     setup_logging(settings.log_level, settings.log_format)
-    plugins = Plugins()
-    worker_id = default_worker_id(settings)
-    connectors = plugins.create_connectors(settings.connector_names, ConnectorConfig(worker_id))
     hardware = discover()
-    gpu = hardware.gpus[0] if hardware.gpus else None
+    if gpu_index is not None and gpu_index >= len(hardware.gpus):
+        raise ConfigError(f"--gpu {gpu_index}: this machine has {len(hardware.gpus)} NVIDIA GPU(s)"
+                          f"{' (' + hardware.gpu_error + ')' if hardware.gpu_error else ''}")
+    index = gpu_index or 0
+    gpu = hardware.gpus[index] if hardware.gpus else None
+    plugins = Plugins()
+    worker_id = default_worker_id(settings, index)
+    connectors = plugins.create_connectors(settings.connector_names, ConnectorConfig(worker_id, gpu_index))
     with _redis_url(settings, embedded) as url:
         log.info("connecting to %s as %s", redact_url(url), worker_id)
         client = connect(url)

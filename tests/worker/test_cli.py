@@ -56,3 +56,8 @@ async def test_status_lists_queue_and_workers(redis_url: str, keys: Keys, start_
     await start_worker("status-worker")
     code, out, _ = await _cli("status", "--json", EMP_REDIS_URL=redis_url, EMP_KEY_PREFIX=keys.prefix)
     assert code == 0 and "status-worker" in out and '"alive": true' in out
+
+
+async def test_gpu_that_does_not_exist_stops_start_up() -> None:
+    code, _, err = await _cli("run", "--gpu", "999")
+    assert code == 2 and "--gpu 999: this machine has" in err
