@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
+from connectors.base import ConnectorConfig
 from connectors.manager import Plugins
 from worker.agent import Worker
 from worker.client import Client, connect
@@ -75,13 +76,11 @@ async def start_worker(redis_url: str, keys: Keys) -> AsyncIterator[WorkerFactor
     started: list[tuple[Worker, asyncio.Task[None], aioredis.Redis]] = []
 
     async def factory(worker_id: str = "w1", connectors: str = "simulation", **overrides: Any) -> Worker:
-        settings = fast_settings(redis_url, keys, connectors=connectors, **overrides)
-        plugins = Plugins()
-        from connectors.base import ConnectorConfig
-
-        instances = plugins.create_connectors(settings.connector_names, ConnectorConfig(worker_id))
         hardware = overrides.pop("hardware", None) or {"gpu_memory_gb": 24, "gpu_model": "fake",
                                                        "ram_gb": 64, "cpu_cores": 8}
+        settings = fast_settings(redis_url, keys, connectors=connectors, **overrides)
+        plugins = Plugins()
+        instances = plugins.create_connectors(settings.connector_names, ConnectorConfig(worker_id))
         conn = connect(redis_url)
         worker = Worker(settings, conn, instances, worker_id=worker_id, hardware=hardware, plugins=plugins)
         task = asyncio.create_task(worker.run())

@@ -183,7 +183,7 @@ local function unindex_job(id, class, member)
 end
 """
 
-# Record a final failure. Needs _COMMON. `worker` may be '' (failed before any worker held it).
+# Record a final failure. Needs _COMMON and _INDEX. `worker` may be '' (failed before any worker held it).
 _FINAL_FAIL = r"""
 local function final_fail(id, j, worker, err, retry_count, retention, maxlen)
   local jk = K('@JOB@' .. id)
@@ -202,6 +202,17 @@ local function final_fail(id, j, worker, err, retry_count, retention, maxlen)
   stream_event(id, 'failed', { error = err, retry_count = retry_count }, maxlen, retention)
   publish('@CH_FAILED@', { job_id = id, worker_id = worker, status = 'failed', error = err,
     failed_at = at, retry_count = retry_count, can_retry = false, timestamp = ms })
+end
+
+-- Index a pending job; one that is malformed fails for good. Returns index_job's verdict.
+local function index_or_fail(id, worker, retention, maxlen)
+  local r = index_job(id)
+  if string.sub(r, 1, 8) == 'invalid:' then
+    local j = hgetall(K('@JOB@' .. id))
+    final_fail(id, j, worker, 'invalid job: ' .. string.sub(r, 9), tonumber(j['retry_count']) or 0,
+      retention, maxlen)
+  end
+  return r
 end
 """
 
@@ -375,14 +386,10 @@ local function reconcile(lock_ms, retention, maxlen)
   local added, dropped = 0, 0
   for _, id in ipairs(redis.call('ZREVRANGE', K('@PENDING@'), 0, -1)) do
     if redis.call('SISMEMBER', K('@INDEXED@'), id) == 0 then
-      local r = index_job(id)
+      local r = index_or_fail(id, '', retention, maxlen)
       if r == 'indexed' or r == 'already' then
         added = added + 1
-      elseif string.sub(r, 1, 8) == 'invalid:' then
-        local j = hgetall(K('@JOB@' .. id))
-        final_fail(id, j, '', 'invalid job: ' .. string.sub(r, 9), tonumber(j['retry_count']) or 0,
-          retention, maxlen)
-      else
+      elseif string.sub(r, 1, 8) ~= 'invalid:' then
         redis.call('ZREM', K('@PENDING@'), id)  -- no such job, or not pending: not claimable
       end
     end
@@ -418,15 +425,7 @@ local maxlen, ttl, retention = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(AR
 local exclude_ms = tonumber(ARGV[9])
 local now = now_ms()
 
-local function index_or_fail(id)
-  local r = index_job(id)
-  if string.sub(r, 1, 8) == 'invalid:' then
-    local j = hgetall(K('@JOB@' .. id))
-    final_fail(id, j, worker, 'invalid job: ' .. string.sub(r, 9),
-      tonumber(j['retry_count']) or 0, retention, maxlen)
-  end
-end
-if ARGV[5] ~= '' then index_or_fail(ARGV[5]) end
+if ARGV[5] ~= '' then index_or_fail(ARGV[5], worker, retention, maxlen) end
 reconcile(tonumber(ARGV[10]), retention, maxlen)
 
 -- The head of each class queue this worker matches; best = lowest score, then lowest member.

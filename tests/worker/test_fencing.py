@@ -18,13 +18,13 @@ CAPS: dict[str, Any] = {"services": ["simulation"], "hardware": {}, "models": {}
                         "custom": {}}
 
 
-async def _reap_until_requeued(queue: Queue, client: Client, job_id: str) -> None:
-    """Beat as a live worker until the reaper has put the expired job back."""
-    async def requeued() -> bool:
+async def _reap_until(queue: Queue, client: Client, job_id: str, status: str) -> None:
+    """Beat as another live worker (which runs the reaper) until the job reaches `status`."""
+    async def reached() -> bool:
         await queue.heartbeat("reaper", "idle", {}, 5, {})
-        return (await client.get(job_id)).get("status") == "pending"
+        return (await client.get(job_id)).get("status") == status
 
-    await wait_until(requeued, within_s=10, interval=0.05)
+    await wait_until(reached, within_s=10, interval=0.05)
 
 
 async def test_stale_worker_cannot_progress_complete_or_fail(
@@ -35,7 +35,7 @@ async def test_stale_worker_cannot_progress_complete_or_fail(
     stale = await short.claim("worker-a", CAPS)
     assert stale is not None and stale.attempt == 1
 
-    await _reap_until_requeued(short, client, job_id)
+    await _reap_until(short, client, job_id, "pending")
     job = await client.get(job_id)
     assert job["retry_count"] == "1" and "lease expired" in job["error"]
     fresh = await Queue(redis, keys, QueueConfig()).claim("worker-b", CAPS)
@@ -84,10 +84,6 @@ async def test_expired_job_with_no_retries_left_fails_for_good(
     job_id = await client.submit("simulation", {}, max_retries=0)
     assert await queue.claim("doomed", CAPS) is not None
 
-    async def failed() -> bool:
-        await queue.heartbeat("reaper", "idle", {}, 5, {})
-        return (await client.get(job_id)).get("status") == "failed"
-
-    await wait_until(failed, within_s=10, interval=0.05)
+    await _reap_until(queue, client, job_id, "failed")
     assert "lease expired" in json.loads(await redis.hget(keys.failed, job_id))["error"]
     assert await redis.zscore(keys.pending, job_id) is None
