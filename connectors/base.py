@@ -119,5 +119,10 @@ class Connector(ABC):
         return Health(HealthState.OK)
 
     async def models(self) -> dict[str, list[str]]:
-        """Models available now, by service (advertised for model matching and affinity)."""
+        """Models available now, by service (jobs that require a model only go where it is)."""
         return {}
+
+    async def loaded_models(self) -> list[str]:
+        """Models in GPU memory now: among jobs of equal priority, the worker prefers those whose
+        models are loaded, and a fresh job is left for a moment to an idle slot that has them."""
+        return []

@@ -6,6 +6,9 @@ Defaults come from the environment (``EMP_SIM_DURATION_S``, ``EMP_SIM_STEPS``,
 ``EMP_SIM_FAILURE_RATE``, ``EMP_SIM_OUTPUT_BYTES``, ``EMP_SIM_SEED``); a job's payload overrides
 each (``duration_s``, ``steps``, ``failure_rate``, ``output_bytes``, ``seed``), and may force a
 failure with ``"fail": "permanent" | "retryable"``. The same seed and job id give the same run.
+
+``EMP_SIM_MODELS`` lists the models it has; the models a job requires stay "loaded" afterwards
+(the ``EMP_SIM_MAX_LOADED`` most recent), which is what model affinity sees.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from connectors.base import Connector, ConnectorConfig, JobContext, JobResult
 from connectors.hookspecs import hookimpl
 from worker.errors import PermanentJobError, RetryableJobError
+from worker.matching import required_models
 from worker.protocol import Job
 
 MAX_DURATION_S = 3600.0
@@ -37,6 +41,8 @@ class SimulationDefaults(BaseSettings):
     failure_rate: float = Field(0.0, ge=0, le=1)
     output_bytes: int = Field(256, ge=0, le=MAX_OUTPUT_BYTES)
     seed: int | None = None
+    models: str = Field("", max_length=4096)  # comma list of the models it "has"
+    max_loaded: int = Field(1, ge=0, le=64)  # how many stay "loaded" (least recently used go first)
 
 
 class SimulationPayload(BaseModel):
@@ -63,6 +69,22 @@ class SimulationConnector(Connector):
     def __init__(self, config: ConnectorConfig) -> None:
         super().__init__(config)
         self.defaults = SimulationDefaults()
+        self.available = [m.strip() for m in self.defaults.models.split(",") if m.strip()]
+        self.loaded: list[str] = []  # least recently used first
+
+    async def models(self) -> dict[str, list[str]]:
+        return {"simulation": list(self.available)} if self.available else {}
+
+    async def loaded_models(self) -> list[str]:
+        return list(self.loaded)
+
+    def _load(self, models: list[str]) -> None:
+        """Models a job used stay loaded, up to EMP_SIM_MAX_LOADED."""
+        for model in models:
+            if model in self.loaded:
+                self.loaded.remove(model)
+            self.loaded.append(model)
+        del self.loaded[: max(0, len(self.loaded) - self.defaults.max_loaded)]
 
     async def run(self, job: Job, ctx: JobContext) -> JobResult:
         try:
@@ -80,6 +102,7 @@ class SimulationConnector(Connector):
         seed_material = f"{seed}:{job.id}" if seed is not None else f"{job.id}:{job.attempt}"
         rng = random.Random(hashlib.sha256(seed_material.encode()).digest())
         fail_at = rng.randrange(steps) if rng.random() < failure_rate else None
+        self._load(required_models(job.requirements))
 
         for step in range(steps):
             ctx.raise_if_cancelled()

@@ -32,10 +32,11 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from connectors.base import Connector, JobCancelled, JobContext
 from connectors.manager import Plugins
 from worker.errors import InvalidJob, JobError, RedisUnavailable, StaleJob
+from worker.hardware import Gpu
 from worker.keys import Keys
 from worker.progress import ProgressReporter
 from worker.protocol import Job, retry_backoff_ms, utc_iso
-from worker.queue import Claimed, Queue, QueueConfig
+from worker.queue import Claimed, Deferred, Queue, QueueConfig
 from worker.settings import Settings
 
 log = logging.getLogger("emp.worker")
@@ -113,6 +114,7 @@ def queue_config(settings: Settings) -> QueueConfig:
         retention_s=settings.retention_s,
         retry_exclusion_ms=int(settings.retry_exclusion_s * 1000),
         reap_period_ms=max(200, int(settings.heartbeat_interval_s * 500)),
+        affinity_ms=int(settings.model_affinity_s * 1000),
     )
 
 
@@ -128,6 +130,8 @@ class Worker:
         worker_id: str,
         hardware: Mapping[str, Any],
         plugins: Plugins | None = None,
+        gpu: Gpu | None = None,
+        gpu_probe: Callable[[], Gpu] | None = None,
     ) -> None:
         self.settings = settings
         self.redis = client
@@ -140,6 +144,10 @@ class Worker:
         self.by_service = {s: c for c in self.connectors for s in c.service_types}
         self.healthy_services = sorted(self.by_service)
         self.models: dict[str, list[str]] = {}
+        self.loaded: list[str] = []
+        self.gpu = gpu
+        self.gpu_probe = gpu_probe
+        self.gpu_problem = ""
         self.state = WorkerState.STARTING
         self.running: dict[str, RunningJob] = {}
         self.stopping = asyncio.Event()
@@ -168,30 +176,37 @@ class Worker:
     def capabilities(self) -> dict[str, Any]:
         """What the claim script matches against (see worker/matching.py)."""
         caps: dict[str, Any] = {
-            "services": self.healthy_services,
+            "services": [] if self.gpu_problem else self.healthy_services,
             "hardware": self.hardware,
             "models": self.models,
-            "customer_access": {"isolation": "none", "allowed_customers": [], "denied_customers": []},
-            "custom": {},
+            "customer_access": self.settings.customer_access,
+            "custom": dict(self.settings.custom_capabilities),
+            "workflow_id": self.settings.workflow_id,
+            "loaded": self.loaded,
         }
         if self.plugins is not None:
-            caps["custom"] = self.plugins.extra_capabilities(self.worker_id, caps)
+            caps["custom"].update(self.plugins.extra_capabilities(self.worker_id, caps))
         return caps
 
     def _record_fields(self) -> dict[str, str]:
         caps = self.capabilities()
         advertised = {
+            **caps["custom"],
             "worker_id": self.worker_id,
             "job_service_required_map": sorted(self.by_service),
             "services": caps["services"],
             "hardware": caps["hardware"],
             "models": caps["models"],
+            "loaded_models": self.loaded,
             "customer_access": caps["customer_access"],
-            **caps["custom"],
+            "gpus": [self.gpu.to_dict()] if self.gpu is not None else [],
         }
+        if self.settings.workflow_id:
+            advertised["workflow_id"] = self.settings.workflow_id
         return {
             "machine_id": self.settings.machine_id,
             "capabilities": json.dumps(advertised),
+            "emp_caps": json.dumps(caps),
             "current_job_id": next(iter(self.running), ""),
             "max_concurrent_jobs": str(self.settings.max_concurrent_jobs),
         }
@@ -266,6 +281,7 @@ class Worker:
 
     async def _deregister(self) -> None:
         try:
+            await self.queue.set_loaded(self.worker_id, [])
             async with self.redis.pipeline(transaction=True) as pipe:
                 pipe.srem(self.keys.workers_active, self.worker_id)
                 pipe.delete(self.keys.heartbeat(self.worker_id))
@@ -273,17 +289,19 @@ class Worker:
                     "status": "offline", "current_job_id": "", "last_heartbeat": utc_iso()})
                 pipe.expire(self.keys.worker(self.worker_id), self.settings.retention_s)
                 await pipe.execute()
-        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+        except (RedisUnavailable, RedisConnectionError, RedisTimeoutError, OSError) as exc:
             log.warning("could not deregister %s: %s", self.worker_id, type(exc).__name__)
 
     # --- heartbeat -------------------------------------------------------------------------------
 
     async def _heartbeat(self) -> None:
         await self._refresh_health()
+        await self._refresh_gpu()
+        self.loaded = await self._loaded_now()
         ttl = max(int(self.settings.heartbeat_interval_s * 3), int(self.settings.lease_s) + 1)
         status = self.state.value if self.state is not WorkerState.STARTING else "idle"
         held = {job_id: job.attempt for job_id, job in self.running.items()}
-        beat = await self.queue.heartbeat(self.worker_id, status, self._record_fields(), ttl, held)
+        beat = await self.queue.heartbeat(self.worker_id, status, self._record_fields(), ttl, held, self.loaded)
         if beat.reaped:
             log.warning("reaper: %d job(s) with an expired lease put back or failed", beat.reaped)
         for job_id in beat.lost:
@@ -310,6 +328,38 @@ class Worker:
         if healthy and not self.healthy_services:
             self.wake.set()
         self.healthy_services = sorted(healthy)
+
+    async def _refresh_gpu(self) -> None:
+        """Re-read this slot's GPU; one that fails or reports a problem stops the slot claiming."""
+        if self.gpu_probe is None:
+            return
+        try:
+            self.gpu = await asyncio.to_thread(self.gpu_probe)
+            problem = "; ".join(self.gpu.problems)
+        except Exception as exc:
+            problem = f"cannot read the GPU: {type(exc).__name__}: {exc}"
+        if problem and problem != self.gpu_problem:
+            log.error("GPU of %s is unhealthy (%s): not claiming jobs until it recovers", self.worker_id, problem)
+        elif self.gpu_problem and not problem:
+            log.info("GPU of %s is healthy again", self.worker_id)
+            self.wake.set()
+        self.gpu_problem = problem
+
+    async def _sync_loaded(self) -> None:
+        """Tell Redis at once which models this slot holds in GPU memory, when that changed."""
+        loaded = await self._loaded_now()
+        if loaded != self.loaded:
+            await self.queue.set_loaded(self.worker_id, loaded)
+            self.loaded = loaded
+
+    async def _loaded_now(self) -> list[str]:
+        loaded: list[str] = []
+        for connector in self.connectors:
+            try:
+                loaded.extend(await asyncio.wait_for(connector.loaded_models(), timeout=5.0))
+            except Exception as exc:
+                log.debug("connector %s loaded_models failed: %s", connector.name, exc)
+        return sorted({m for m in loaded if isinstance(m, str) and 0 < len(m) <= 512})[:256]
 
     async def _heartbeat_loop(self) -> None:
         interval = self.settings.heartbeat_interval_s
@@ -378,20 +428,22 @@ class Worker:
         poll = self.settings.poll_interval_s
         while not self.stopping.is_set():
             self.wake.clear()
-            if not self._slots_free() or not self.healthy_services:
+            if not self._slots_free() or not self.healthy_services or self.gpu_problem:
                 await wait_for_event(self.wake, poll)
                 continue
             hint = self.hints.popleft() if self.hints else ""
             try:
-                claimed = await self.queue.claim(self.worker_id, self.capabilities(), hint)
+                claimed = await self.queue.claim_or_defer(self.worker_id, self.capabilities(), hint)
                 backoff.reset()
             except RedisUnavailable as exc:
                 delay = backoff.next_delay()
                 log.warning("claim failed: %s (next try in %.1fs)", exc, delay)
                 await wait_for_event(self.stopping, delay)
                 continue
-            if claimed is not None:
+            if isinstance(claimed, Claimed):
                 self._start(claimed)
+            elif isinstance(claimed, Deferred):  # left to a worker with its models loaded: look again
+                await wait_for_event(self.wake, min(poll, claimed.retry_in_ms / 1000 + 0.01))
             elif not self.hints:
                 await wait_for_event(self.wake, poll * random.uniform(0.8, 1.2))
 
@@ -452,6 +504,8 @@ class Worker:
             result, error = await self._run_connector(connector, job, running)
         finally:
             await reporter.close()
+        with contextlib.suppress(RedisUnavailable):
+            await self._sync_loaded()  # before the outcome frees this slot for the next job
         return await self._record(job, running, result, error)
 
     async def _run_connector(

@@ -214,6 +214,41 @@ def cancel(
 
 
 @app.command()
+def hardware(
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output"),
+    fake_gpus: str = typer.Option(None, "--fake-gpus", help="Pretend GPUs, e.g. 2x24GB \\[env: EMP_FAKE_GPUS]"),
+) -> None:
+    """What this machine has (NVML and psutil): a table on a terminal, JSON otherwise."""
+    from worker.hardware import discover
+
+    settings = _settings(fake_gpus=fake_gpus)
+    with _clean_errors():
+        found = discover(settings.fake_gpus)
+    if as_json or not out.is_terminal:
+        out.print_json(json.dumps(found.to_dict()))
+        return
+    source = {"nvml": "NVML", "fake": "EMP_FAKE_GPUS"}.get(found.gpu_source, "none")
+    out.print(f"{found.os}, {found.cpu_cores} CPU cores, {found.ram_gb:g} GB RAM, "
+              f"{found.disk_free_gb:g} GB disk free", highlight=False)
+    if not found.gpus:
+        out.print(f"no NVIDIA GPU: {found.gpu_error}", highlight=False)
+        return
+    table = Table(title=f"GPUs from {source} (driver {found.driver_version}, CUDA {found.cuda_version})")
+    for column in ("#", "name", "memory GB", "free GB", "cc", "util %", "temp C", "power W", "health"):
+        table.add_column(column)
+    for g in found.gpus:
+        health = "; ".join(g.problems + g.warnings) or "ok"
+        table.add_row(str(g.index), g.name, f"{g.memory_total_gb:g}", f"{g.memory_free_gb:g}",
+                      g.compute_capability, _maybe(g.utilization_pct), _maybe(g.temperature_c),
+                      _maybe(g.power_w), health)
+    out.print(table)
+
+
+def _maybe(value: float | None) -> str:
+    return "-" if value is None else f"{value:g}"
+
+
+@app.command()
 def demo(
     jobs: int = typer.Option(24, "--jobs", min=1, max=10_000, help="How many jobs to submit"),
     workers: int = typer.Option(3, "--workers", min=1, max=64, help="Simulation workers to run"),

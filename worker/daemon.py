@@ -1,10 +1,21 @@
-"""Assemble and run the daemon: settings -> plugins -> connectors -> hardware -> worker slot."""
+"""Assemble and run the daemon: settings -> hardware -> one worker slot per GPU -> run them all.
+
+On a box with N GPUs, one agent runs N slots by default; each has its own worker id
+(``{machine}-worker-{connector}-{gpu index}``), its own capability record with its own GPU's
+memory, and its own connector instances (told their GPU index, e.g. to pick a per-GPU port).
+``--gpu I`` runs only slot I, for one-process-per-GPU set-ups (PM2, systemd templates). A machine
+without a GPU runs one CPU-only slot.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import functools
 import logging
+import signal
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 from connectors.base import ConnectorConfig
 from connectors.manager import Plugins
@@ -12,16 +23,38 @@ from worker.agent import Worker
 from worker.client import connect
 from worker.embedded import EmbeddedRedis
 from worker.errors import ConfigError
-from worker.hardware import discover, hardware_capabilities
+from worker.hardware import Gpu, GpuReader, Hardware, discover_with, hardware_capabilities, open_reader
 from worker.logs import setup_logging
 from worker.settings import Settings, redact_url
 
 log = logging.getLogger("emp.daemon")
 
 
+@dataclass(frozen=True)
+class Slot:
+    index: int
+    worker_id: str
+    gpu: Gpu | None
+
+
 def default_worker_id(settings: Settings, index: int = 0) -> str:
     """emp-job-queue's convention: {machine}-worker-{type}-{index}."""
     return settings.worker_id or f"{settings.machine_id}-worker-{settings.connector_names[0]}-{index}"
+
+
+def plan_slots(settings: Settings, hardware: Hardware, gpu_index: int | None) -> list[Slot]:
+    """The worker slots to run: every GPU, only GPU `gpu_index`, or one CPU-only slot."""
+    gpus = hardware.gpus
+    if gpu_index is not None:
+        if gpu_index >= len(gpus):
+            why = f" ({hardware.gpu_error})" if hardware.gpu_error else ""
+            raise ConfigError(f"--gpu {gpu_index}: this machine has {len(gpus)} NVIDIA GPU(s){why}")
+        return [Slot(gpu_index, default_worker_id(settings, gpu_index), gpus[gpu_index])]
+    if not gpus:
+        return [Slot(0, default_worker_id(settings, 0), None)]
+    if settings.worker_id and len(gpus) > 1:  # a set id names the agent; each slot gets -{index}
+        return [Slot(g.index, f"{settings.worker_id}-{g.index}", g) for g in gpus]
+    return [Slot(g.index, default_worker_id(settings, g.index), g) for g in gpus]
 
 
 @contextlib.contextmanager
@@ -34,24 +67,58 @@ def _redis_url(settings: Settings, embedded: bool) -> Iterator[str]:
         yield server.url
 
 
+async def run_slots(workers: list[Worker]) -> None:
+    """Run every slot until a stop signal; a slot that crashes drains the others, then re-raises."""
+    loop = asyncio.get_running_loop()
+
+    def stop_all() -> None:
+        for worker in workers:
+            worker.request_stop()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop_all)
+    tasks = [asyncio.create_task(w.run(), name=w.worker_id) for w in workers]
+    done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+    failed = [t for t in done if t.exception() is not None]
+    if failed:
+        log.error("worker slot %s crashed; stopping the other slots", failed[0].get_name())
+        stop_all()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    crash = failed[0].exception() if failed else None
+    if crash is not None:
+        raise crash
+
+
 async def run_daemon(settings: Settings, *, embedded: bool = False, gpu_index: int | None = None) -> None:
     setup_logging(settings.log_level, settings.log_format)
-    hardware = discover()
-    if gpu_index is not None and gpu_index >= len(hardware.gpus):
-        raise ConfigError(f"--gpu {gpu_index}: this machine has {len(hardware.gpus)} NVIDIA GPU(s)"
-                          f"{' (' + hardware.gpu_error + ')' if hardware.gpu_error else ''}")
-    index = gpu_index or 0
-    gpu = hardware.gpus[index] if hardware.gpus else None
+    reader, error = open_reader(settings.fake_gpus)
+    try:
+        hardware = discover_with(reader, error)
+        slots = plan_slots(settings, hardware, gpu_index)
+        await _run(settings, embedded, hardware, slots, reader if hardware.gpus else None)
+    finally:
+        if reader is not None:
+            reader.close()
+
+
+async def _run(settings: Settings, embedded: bool, hardware: Hardware, slots: list[Slot],
+               reader: GpuReader | None) -> None:
     plugins = Plugins()
-    worker_id = default_worker_id(settings, index)
-    connectors = plugins.create_connectors(settings.connector_names, ConnectorConfig(worker_id, gpu_index))
+    connectors = [plugins.create_connectors(settings.connector_names,
+                                            ConnectorConfig(s.worker_id, s.gpu.index if s.gpu else None))
+                  for s in slots]
     with _redis_url(settings, embedded) as url:
-        log.info("connecting to %s as %s", redact_url(url), worker_id)
+        log.info("connecting to %s: %d slot(s): %s", redact_url(url), len(slots),
+                 ", ".join(f"{s.worker_id} ({s.gpu.name}, {s.gpu.memory_total_gb:g} GB)" if s.gpu
+                           else f"{s.worker_id} (CPU only)" for s in slots))
         client = connect(url)
         try:
-            worker = Worker(settings, client, connectors, worker_id=worker_id,
-                            hardware=hardware_capabilities(hardware, gpu), plugins=plugins)
-            worker.install_signal_handlers()
-            await worker.run()
+            workers = [
+                Worker(settings, client, slot_connectors, worker_id=slot.worker_id,
+                       hardware=hardware_capabilities(hardware, slot.gpu), plugins=plugins, gpu=slot.gpu,
+                       gpu_probe=functools.partial(reader.read, slot.index) if reader and slot.gpu else None)
+                for slot, slot_connectors in zip(slots, connectors, strict=True)
+            ]
+            await run_slots(workers)
         finally:
             await client.aclose()

@@ -29,6 +29,8 @@ WORKERS_ACTIVE = "workers:active"
 SEQ = "emp:seq"
 INDEXED = "emp:indexed"
 CLASSES = "emp:classes"
+WF_QUEUE = "emp:qw:"
+LOADED = "emp:loaded:"
 LEASES = "emp:leases"
 DELAYED = "emp:delayed"
 REAPER_LOCK = "emp:reaper:lock"
@@ -110,6 +112,14 @@ class Keys:
     def class_queue(self, class_id: str) -> str:
         """Sorted set of the pending jobs of one (service, requirements, customer) class."""
         return f"{self.prefix}{CLASS_QUEUE}{class_id}"
+
+    def workflow_queue(self, workflow_id: str) -> str:
+        """Sorted set of the pending jobs of one workflow (for workers restricted to it)."""
+        return f"{self.prefix}{WF_QUEUE}{workflow_id}"
+
+    def loaded(self, model: str) -> str:
+        """Set of the workers that have `model` loaded in GPU memory (for model affinity)."""
+        return f"{self.prefix}{LOADED}{model}"
 
     @property
     def leases(self) -> str:

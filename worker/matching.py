@@ -7,7 +7,7 @@ Capabilities (what a worker sends with each claim)::
 
     {"services": [...], "hardware": {"gpu_memory_gb", "gpu_model", "ram_gb", "cpu_cores"},
      "models": {service: [...]}, "customer_access": {"isolation", "allowed_customers",
-     "denied_customers"}, "custom": {key: value}}
+     "denied_customers"}, "custom": {key: value}, "workflow_id": "" | id, "loaded": [...]}
 
 Requirements (emp-job-queue's format): ``{"hardware": {...}, "models": [...] | "all",
 "customer_isolation": "strict"|"loose"|"none", "service_type": ..., <custom key>: value}``, or
@@ -22,7 +22,12 @@ Rules:
   a job asking for strict isolation needs a strict worker that allows its customer;
 * any other key is a custom capability: a list must be contained, a number is a minimum,
   anything else equal; keys that describe the job (``JOB_ONLY_KEYS``) are ignored;
-* negative requirements: the worker must not have any listed model or custom value.
+* negative requirements: the worker must not have any listed model or custom value;
+* a worker restricted to a workflow (``"workflow_id"`` in its capabilities) takes only that
+  workflow's jobs.
+
+Capabilities may also carry ``"loaded"`` (models in GPU memory now): not a rule, but the claim
+script prefers, among jobs of equal priority, those whose models are all loaded (model affinity).
 """
 
 from __future__ import annotations
@@ -145,9 +150,14 @@ def _negative_ok(caps: Mapping[str, Any], service: str, neg: Mapping[str, Any]) 
     return True
 
 
-def matches(caps: Mapping[str, Any], service: str, requirements: str, customer_id: str) -> bool:
+def matches(
+    caps: Mapping[str, Any], service: str, requirements: str, customer_id: str, workflow_id: str = ""
+) -> bool:
     """True when a worker with `caps` may run a job of `service` with these requirements."""
     if service not in (caps.get("services") or []):
+        return False
+    only = caps.get("workflow_id")
+    if isinstance(only, str) and only and workflow_id != only:
         return False
     try:
         req = json.loads(requirements) if requirements else {}
@@ -165,3 +175,12 @@ def matches(caps: Mapping[str, Any], service: str, requirements: str, customer_i
     if not _customer_ok(caps, isolation, customer_id):
         return False
     return _positive_ok(caps, service, pos) and _negative_ok(caps, service, neg)
+
+
+def required_models(requirements: Mapping[str, Any]) -> list[str]:
+    """The model names a job's requirements ask for (what model affinity looks at)."""
+    pos: Any = requirements
+    if "positive_requirements" in requirements or "negative_requirements" in requirements:
+        pos = requirements.get("positive_requirements")
+    models = pos.get("models") if isinstance(pos, dict) else None
+    return [m for m in models if isinstance(m, str)] if isinstance(models, list) else []

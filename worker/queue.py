@@ -34,6 +34,7 @@ class QueueConfig:
     retry_exclusion_ms: int = 30_000
     reconcile_lock_ms: int = 2000
     reap_period_ms: int = 1000
+    affinity_ms: int = 3000
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,13 @@ class Claimed:
     @property
     def job_id(self) -> str:
         return self.fields.get("id", "")
+
+
+@dataclass(frozen=True)
+class Deferred:
+    """Nothing claimed now: a job was left to a worker that has its models loaded."""
+
+    retry_in_ms: int
 
 
 @dataclass(frozen=True)
@@ -94,19 +102,32 @@ class Queue:
         return str(detail)
 
     async def claim(self, worker_id: str, capabilities: Mapping[str, Any], hint: str = "") -> Claimed | None:
+        """Claim the best job this worker can run, or None (a job left to another worker included)."""
+        got = await self.claim_or_defer(worker_id, capabilities, hint)
+        return got if isinstance(got, Claimed) else None
+
+    async def claim_or_defer(
+        self, worker_id: str, capabilities: Mapping[str, Any], hint: str = ""
+    ) -> Claimed | Deferred | None:
         c = self.config
         try:
             reply = await self._run(
                 "claim", worker_id, json.dumps(capabilities), c.lease_ms, hint,
                 c.stream_maxlen, c.stream_ttl_s, c.retention_s, c.retry_exclusion_ms,
-                c.reconcile_lock_ms,
+                c.reconcile_lock_ms, c.affinity_ms,
             )
         except ResponseError as exc:  # a script error is a bug or a foreign record; never silent
             raise RedisUnavailable(f"claim script failed: {exc}") from exc
         if not reply:
             return None
+        if int(reply[0]) == -1:
+            return Deferred(int(reply[1]))
         attempt, flat = int(reply[0]), reply[1:]
         return Claimed(attempt, dict(zip(flat[::2], flat[1::2], strict=True)))
+
+    async def set_loaded(self, worker_id: str, models: list[str]) -> None:
+        """Record the models `worker_id` holds in GPU memory, for model affinity."""
+        await self._run("set_loaded", worker_id, json.dumps(models))
 
     async def progress(self, job_id: str, worker_id: str, attempt: int, update: ProgressUpdate) -> None:
         c = self.config
@@ -145,7 +166,7 @@ class Queue:
 
     async def heartbeat(
         self, worker_id: str, status: str, fields: Mapping[str, str], heartbeat_ttl_s: int,
-        running: Mapping[str, int],
+        running: Mapping[str, int], loaded: list[str] | None = None,
     ) -> Beat:
         """Refresh the worker, renew its leases (`running`: job id -> attempt), promote due
         retries and, when this worker holds the reaper lock, reap expired leases."""
@@ -153,7 +174,7 @@ class Queue:
         reply = await self._run(
             "heartbeat", worker_id, heartbeat_ttl_s, c.lease_ms, status, json.dumps(dict(fields)),
             MAX_PER_BEAT, json.dumps(dict(running)) if running else "{}", c.reap_period_ms,
-            c.retention_s, c.stream_maxlen,
+            c.retention_s, c.stream_maxlen, json.dumps(loaded) if loaded is not None else "",
         )
         lost = [j for j in str(reply[2]).split(",") if j]
         return Beat(int(reply[0]), int(reply[1]), lost, int(reply[3]))

@@ -137,7 +137,8 @@ local function check_job(j)
 end
 
 local INDEX_FIELDS = { 'status', 'service_required', 'priority', 'requirements', 'customer_id',
-  'created_at', 'workflow_priority', 'workflow_datetime', 'emp_member', 'emp_class', 'emp_score' }
+  'created_at', 'workflow_priority', 'workflow_datetime', 'emp_member', 'emp_class', 'emp_score',
+  'workflow_id' }
 
 local function index_job(id)
   local jk = K('@JOB@' .. id)
@@ -156,10 +157,17 @@ local function index_job(id)
     redis.call('HSETNX', K('@CLASSES@'), class, cjson.encode({
       service = j['service_required'], requirements = req, customer_id = cust }))
   end
+  -- a job of a workflow is also queued by workflow, for workers restricted to one workflow
+  local function enqueue(class, score, member)
+    redis.call('ZADD', K('@CLASS_QUEUE@' .. class), score, member)
+    local wf = j['workflow_id']
+    if wf and wf ~= '' then redis.call('ZADD', K('@WF_QUEUE@' .. wf), score, member) end
+    redis.call('SADD', K('@INDEXED@'), id)
+    redis.call('HSET', jk, 'emp_indexed_ms', tostring(now_ms()))
+  end
   if j['emp_member'] and j['emp_class'] then
     register(j['emp_class'])
-    redis.call('ZADD', K('@CLASS_QUEUE@' .. j['emp_class']), j['emp_score'], j['emp_member'])
-    redis.call('SADD', K('@INDEXED@'), id)
+    enqueue(j['emp_class'], j['emp_score'], j['emp_member'])
     return 'already'
   end
   local bad = check_job(j)
@@ -170,15 +178,18 @@ local function index_job(id)
   local member = string.format('%013.0f:%012.0f:%s', eff, seq, id)
   local class = redis.sha1hex(j['service_required'] .. '\n' .. req .. '\n' .. cust)
   register(class)
-  redis.call('ZADD', K('@CLASS_QUEUE@' .. class), -prio, member)
-  redis.call('SADD', K('@INDEXED@'), id)
   redis.call('HSET', jk, 'emp_member', member, 'emp_class', class, 'emp_score', tostring(-prio),
     'emp_pending_score', pscore)
+  enqueue(class, -prio, member)
   return 'indexed'
 end
 
 local function unindex_job(id, class, member)
-  if class and member then redis.call('ZREM', K('@CLASS_QUEUE@' .. class), member) end
+  if class and member then
+    redis.call('ZREM', K('@CLASS_QUEUE@' .. class), member)
+    local wf = redis.call('HGET', K('@JOB@' .. id), 'workflow_id')
+    if wf and wf ~= '' then redis.call('ZREM', K('@WF_QUEUE@' .. wf), member) end
+  end
   redis.call('SREM', K('@INDEXED@'), id)
 end
 """
@@ -213,6 +224,24 @@ local function index_or_fail(id, worker, retention, maxlen)
       retention, maxlen)
   end
   return r
+end
+"""
+
+# The loaded-model registry: emp:loaded:{model} -> workers holding it in GPU memory; the worker
+# hash's emp_loaded field keeps the worker's own list so a change can be applied as a diff.
+_LOADED = r"""
+local function set_loaded(w, models)
+  local wk = K('@WORKER@' .. w)
+  local old = decode(redis.call('HGET', wk, 'emp_loaded'))
+  local keep = {}
+  for _, m in ipairs(models) do keep[m] = true end
+  if type(old) == 'table' then
+    for _, m in ipairs(old) do
+      if not keep[m] then redis.call('SREM', K('@LOADED@' .. m), w) end
+    end
+  end
+  for _, m in ipairs(models) do redis.call('SADD', K('@LOADED@' .. m), w) end
+  redis.call('HSET', wk, 'emp_loaded', cjson.encode(models))
 end
 """
 
@@ -315,6 +344,8 @@ end
 local function matches(caps, meta)
   local service = meta['service']
   if not contains(caps['services'], service) then return false end
+  local only = caps['workflow_id']
+  if type(only) == 'string' and only ~= '' and meta['workflow_id'] ~= only then return false end
   local req = {}
   if meta['requirements'] and meta['requirements'] ~= '' then
     req = decode(meta['requirements'])
@@ -416,8 +447,10 @@ CLAIM = _render(
 -- ARGV: 1 prefix, 2 worker id, 3 capabilities JSON (see worker/matching.py), 4 lease ms,
 --       5 hint job id ('' for none: a job_submitted id to index first), 6 stream maxlen,
 --       7 stream ttl s, 8 retention s (for jobs failed here as invalid),
---       9 retry exclusion ms (skip jobs this worker failed that recently), 10 reconcile lock ms.
--- Returns {} when nothing matches, else {attempt, field, value, field, value, ...} of the job.
+--       9 retry exclusion ms (skip jobs this worker failed that recently), 10 reconcile lock ms,
+--       11 model affinity window ms (0: off).
+-- Returns {} when nothing matches, {-1, ms} when a job was left to a worker that has its models
+-- loaded (claim again after ms), else {attempt, field, value, field, value, ...} of the job.
 local worker = ARGV[2]
 local caps = cjson.decode(ARGV[3])
 local lease_ms = tonumber(ARGV[4])
@@ -428,31 +461,112 @@ local now = now_ms()
 if ARGV[5] ~= '' then index_or_fail(ARGV[5], worker, retention, maxlen) end
 reconcile(tonumber(ARGV[10]), retention, maxlen)
 
--- The head of each class queue this worker matches; best = lowest score, then lowest member.
-local function best_head()
-  local best_class, best_member, best_score = nil, nil, nil
+local affinity_ms = tonumber(ARGV[11])
+local only_workflow = type(caps['workflow_id']) == 'string' and caps['workflow_id'] or ''
+local loaded = {}
+if type(caps['loaded']) == 'table' then
+  for _, m in ipairs(caps['loaded']) do loaded[m] = true end
+end
+local function id_of(member) return string.match(member, '^[^:]*:[^:]*:(.*)$') end
+
+-- The models a class's jobs ask for (positive requirements), as strings.
+local function wanted_models(meta)
+  local req = decode(meta['requirements'])
+  if type(req) ~= 'table' then return {} end
+  local pos = req
+  if req['positive_requirements'] ~= nil or req['negative_requirements'] ~= nil then
+    pos = req['positive_requirements']
+  end
+  local out = {}
+  if type(pos) == 'table' and type(pos['models']) == 'table' then
+    for _, m in ipairs(pos['models']) do
+      if type(m) == 'string' then out[#out + 1] = m end
+    end
+  end
+  return out
+end
+
+local function all_loaded_here(models)
+  if #models == 0 then return false end
+  for _, m in ipairs(models) do
+    if not loaded[m] then return false end
+  end
+  return true
+end
+
+-- Is another live worker with a free slot, able to run this class, holding all its models?
+-- (A sample of at most 32 holders of the first model is looked at.)
+local function idle_holder_elsewhere(models, meta)
+  for _, w in ipairs(redis.call('SRANDMEMBER', K('@LOADED@' .. models[1]), 32)) do
+    local holds = w ~= worker
+    for i = 2, #models do
+      if holds and redis.call('SISMEMBER', K('@LOADED@' .. models[i]), w) == 0 then holds = false end
+    end
+    if holds and redis.call('EXISTS', K('@WORKER@' .. w .. '@HEARTBEAT_SUFFIX@')) == 1 then
+      local f = redis.call('HMGET', K('@WORKER@' .. w), 'status', 'max_concurrent_jobs', 'emp_caps')
+      if f[1] ~= 'draining' and f[1] ~= 'offline'
+        and redis.call('HLEN', K('@ACTIVE@' .. w)) < (tonumber(f[2]) or 1) then
+        local other = decode(f[3])
+        if type(other) == 'table' and matches(other, meta) then return true end
+      end
+    end
+  end
+  return false
+end
+
+-- Check one queued entry: drop it when stale; nil when this worker must leave it alone.
+local function usable(id, class, member)
+  local f = redis.call('HMGET', K('@JOB@' .. id), 'last_failed_worker', 'emp_last_failed_ms', 'status',
+    'emp_indexed_ms')
+  if f[3] ~= 'pending' or not redis.call('ZSCORE', K('@PENDING@'), id) then
+    unindex_job(id, class, member)  -- cancelled or taken elsewhere: drop the stale entry
+    return nil
+  end
+  if f[1] == worker and now - (tonumber(f[2]) or 0) < exclude_ms then
+    return nil  -- this worker failed it moments ago: leave it to another worker for a while
+  end
+  return tonumber(f[4]) or 0
+end
+
+local candidates = {}
+local function consider(class, member, score, meta, indexed)
+  local models = wanted_models(meta)
+  candidates[#candidates + 1] = { class = class, member = member, score = score, meta = meta,
+    models = models, affine = all_loaded_here(models), indexed = indexed }
+end
+
+if only_workflow ~= '' then
+  -- A worker restricted to one workflow looks only at that workflow's jobs.
+  local entries = redis.call('ZRANGE', K('@WF_QUEUE@' .. only_workflow), 0, 63, 'WITHSCORES')
+  for h = 1, #entries, 2 do
+    local member, score = entries[h], tonumber(entries[h + 1])
+    local id = id_of(member)
+    local class = redis.call('HGET', K('@JOB@' .. id), 'emp_class')
+    local meta = decode(class and redis.call('HGET', K('@CLASSES@'), class) or '')
+    if type(meta) ~= 'table' then
+      redis.call('ZREM', K('@WF_QUEUE@' .. only_workflow), member)
+    else
+      meta['workflow_id'] = only_workflow
+      if matches(caps, meta) then
+        local indexed = usable(id, class, member)
+        if indexed then consider(class, member, score, meta, indexed) end
+      end
+    end
+  end
+else
+  -- The first usable head of each class queue this worker matches.
   local classes = redis.call('HGETALL', K('@CLASSES@'))
   for i = 1, #classes, 2 do
     local class, meta = classes[i], cjson.decode(classes[i + 1])
     local qk = K('@CLASS_QUEUE@' .. class)
     if matches(caps, meta) then
       local heads = redis.call('ZRANGE', qk, 0, 7, 'WITHSCORES')
-      if #heads == 0 then
-        redis.call('HDEL', K('@CLASSES@'), class)
-      end
+      if #heads == 0 then redis.call('HDEL', K('@CLASSES@'), class) end
       for h = 1, #heads, 2 do
         local member, score = heads[h], tonumber(heads[h + 1])
-        local id = string.match(member, '^[^:]*:[^:]*:(.*)$')
-        local jk = K('@JOB@' .. id)
-        local last = redis.call('HMGET', jk, 'last_failed_worker', 'emp_last_failed_ms', 'status')
-        if last[3] ~= 'pending' or not redis.call('ZSCORE', K('@PENDING@'), id) then
-          unindex_job(id, class, member)  -- cancelled or taken elsewhere: drop the stale entry
-        elseif last[1] == worker and now - (tonumber(last[2]) or 0) < exclude_ms then
-          -- this worker failed it moments ago: leave it to another worker for a while
-        else
-          if not best_score or score < best_score or (score == best_score and member < best_member) then
-            best_class, best_member, best_score = class, member, score
-          end
+        local indexed = usable(id_of(member), class, member)
+        if indexed then
+          consider(class, member, score, meta, indexed)
           break
         end
       end
@@ -460,12 +574,33 @@ local function best_head()
       redis.call('HDEL', K('@CLASSES@'), class)
     end
   end
-  return best_class, best_member
 end
 
-local class, member = best_head()
-if not class then return {} end
-local id = string.match(member, '^[^:]*:[^:]*:(.*)$')
+-- Best first: priority, then (model affinity) jobs whose models are loaded here, then FIFO.
+table.sort(candidates, function(a, b)
+  if a.score ~= b.score then return a.score < b.score end
+  if a.affine ~= b.affine then return a.affine end
+  return a.member < b.member
+end)
+-- A fresh job whose models another idle worker has loaded is left to that worker for a moment.
+local chosen, wait_ms = nil, nil
+for _, c in ipairs(candidates) do
+  local age = now - c.indexed
+  if affinity_ms > 0 and not c.affine and #c.models > 0 and age < affinity_ms
+    and idle_holder_elsewhere(c.models, c.meta) then
+    wait_ms = math.min(wait_ms or affinity_ms, affinity_ms - age)
+  else
+    chosen = c
+    break
+  end
+end
+if not chosen then
+  if wait_ms then return { -1, wait_ms } end
+  return {}
+end
+
+local class, member = chosen.class, chosen.member
+local id = id_of(member)
 local jk = K('@JOB@' .. id)
 unindex_job(id, class, member)
 redis.call('ZREM', K('@PENDING@'), id)
@@ -659,6 +794,7 @@ return {1}
 
 HEARTBEAT = _render(
     _COMMON,
+    _LOADED,
     _INDEX,
     _FINAL_FAIL,
     _REQUEUE,
@@ -673,7 +809,8 @@ HEARTBEAT = _render(
 --    mark workers whose heartbeat key is gone offline.
 -- ARGV: 1 prefix, 2 worker id, 3 heartbeat ttl s, 4 lease ms, 5 status, 6 JSON object of worker
 --       fields to set, 7 max jobs to promote/reap per beat, 8 JSON object {job id: attempt} of
---       the jobs this worker runs, 9 reap period ms, 10 retention s, 11 stream maxlen.
+--       the jobs this worker runs, 9 reap period ms, 10 retention s, 11 stream maxlen,
+--       12 JSON list of the models the worker has loaded ('' to leave them as they are).
 -- Returns {leases renewed, jobs promoted, lost job ids (comma list), jobs reaped}.
 local worker = ARGV[2]
 local ms = now_ms()
@@ -685,6 +822,7 @@ redis.call('SADD', K('@WORKERS_ACTIVE@'), worker)
 for f, v in pairs(cjson.decode(ARGV[6])) do redis.call('HSET', wk, f, tostring(v)) end
 redis.call('HSET', wk, 'worker_id', worker, 'status', ARGV[5], 'last_heartbeat', at)
 redis.call('HSETNX', wk, 'connected_at', at)
+if ARGV[12] ~= '' then set_loaded(worker, cjson.decode(ARGV[12])) end
 
 local renewed, lost = 0, {}
 for id, attempt in pairs(cjson.decode(ARGV[8])) do
@@ -738,6 +876,7 @@ if redis.call('SET', K('@REAPER_LOCK@'), worker, 'NX', 'PX', tonumber(ARGV[9])) 
   for _, w in ipairs(redis.call('SMEMBERS', K('@WORKERS_ACTIVE@'))) do
     if redis.call('EXISTS', K('@WORKER@' .. w .. '@HEARTBEAT_SUFFIX@')) == 0 then
       redis.call('SREM', K('@WORKERS_ACTIVE@'), w)
+      set_loaded(w, {})
       redis.call('HSET', K('@WORKER@' .. w), 'status', 'offline', 'current_job_id', '')
       redis.call('EXPIRE', K('@WORKER@' .. w), retention)
     end
@@ -794,14 +933,28 @@ return {1, status, holder}
 """,
 )
 
+SET_LOADED = _render(
+    _COMMON,
+    _LOADED,
+    r"""
+-- Record the models a worker has loaded in GPU memory (model affinity reads them at claim time).
+-- ARGV: 1 prefix, 2 worker id, 3 JSON list of model names ('[]' on shutdown).
+local models = cjson.decode(ARGV[3])
+if type(models) ~= 'table' then models = {} end
+set_loaded(ARGV[2], models)
+return #models
+""",
+)
+
 MATCH_PROBE = _render(
     _COMMON,
     _MATCH,
     r"""
 -- The claim script's matcher on its own, for the shared case table in the tests.
--- ARGV: 1 prefix (unused), 2 capabilities JSON, 3 service, 4 requirements JSON or '', 5 customer id.
+-- ARGV: 1 prefix (unused), 2 capabilities JSON, 3 service, 4 requirements JSON or '', 5 customer id,
+--       6 workflow id.
 -- Returns 1 when the worker may run the job, else 0.
-local meta = { service = ARGV[3], requirements = ARGV[4], customer_id = ARGV[5] }
+local meta = { service = ARGV[3], requirements = ARGV[4], customer_id = ARGV[5], workflow_id = ARGV[6] }
 return matches(cjson.decode(ARGV[2]), meta) and 1 or 0
 """,
 )
@@ -816,5 +969,6 @@ ALL: dict[str, str] = {
     "heartbeat": HEARTBEAT,
     "reconcile": RECONCILE,
     "cancel": CANCEL,
+    "set_loaded": SET_LOADED,
     "match_probe": MATCH_PROBE,
 }

@@ -8,6 +8,7 @@ A bad value raises ConfigError naming the variable, the value and what is allowe
 
 from __future__ import annotations
 
+import json
 import re
 import socket
 from typing import Any, Literal
@@ -17,7 +18,11 @@ from pydantic import AliasChoices, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from worker.errors import ConfigError
+from worker.hardware import parse_fake_gpus
 
+MAX_CAPABILITIES_BYTES = 8192
+RESERVED_CAPABILITY_KEYS = frozenset({"services", "hardware", "models", "customer_access", "gpus", "worker_id",
+                                      "job_service_required_map", "loaded_models", "workflow_id"})
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 
 
@@ -72,6 +77,13 @@ class Settings(BaseSettings):
     retry_backoff_s: float = _env("retry_backoff_s", 2.0, ge=0)
     retry_backoff_max_s: float = _env("retry_backoff_max_s", 300.0, ge=0)
     retry_exclusion_s: float = _env("retry_exclusion_s", 30.0, ge=0)
+    fake_gpus: str = _env("fake_gpus", "")
+    customer_isolation: Literal["none", "loose", "strict"] = _env("customer_isolation", "none")
+    allowed_customers: str = _env("allowed_customers", "")
+    denied_customers: str = _env("denied_customers", "")
+    workflow_id: str = _env("workflow_id", "")
+    capabilities: str = _env("capabilities", "")
+    model_affinity_s: float = _env("model_affinity_s", 3.0, ge=0, le=60)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = _env("log_level", "INFO")
     log_format: Literal["auto", "text", "json"] = _env("log_format", "auto")
 
@@ -90,6 +102,39 @@ class Settings(BaseSettings):
             raise ValueError("must be 1-128 characters of letters, digits and . _ : - ")
         return value
 
+    @field_validator("fake_gpus")
+    @classmethod
+    def _check_fake_gpus(cls, value: str) -> str:
+        if value:
+            parse_fake_gpus(value)  # its ValueError says what is allowed
+        return value
+
+    @field_validator("allowed_customers", "denied_customers")
+    @classmethod
+    def _check_customers(cls, value: str) -> str:
+        names = _split(value)
+        if any(len(n) > 256 for n in names):
+            raise ValueError("customer ids are at most 256 characters")
+        return ",".join(names)
+
+    @field_validator("capabilities")
+    @classmethod
+    def _check_capabilities(cls, value: str) -> str:
+        if not value:
+            return value
+        if len(value) > MAX_CAPABILITIES_BYTES:
+            raise ValueError(f"must be at most {MAX_CAPABILITIES_BYTES} bytes")
+        try:
+            parsed = json.loads(value)
+        except ValueError:
+            raise ValueError('must be a JSON object, e.g. {"region": "eu", "features": ["nvenc"]}') from None
+        if not isinstance(parsed, dict):
+            raise ValueError('must be a JSON object, e.g. {"region": "eu", "features": ["nvenc"]}')
+        reserved = sorted(set(parsed) & RESERVED_CAPABILITY_KEYS)
+        if reserved:
+            raise ValueError(f"{reserved[0]!r} is not a custom capability (it is set from hardware or settings)")
+        return value
+
     @field_validator("connectors")
     @classmethod
     def _check_connectors(cls, value: str) -> str:
@@ -101,6 +146,22 @@ class Settings(BaseSettings):
     @property
     def connector_names(self) -> list[str]:
         return self.connectors.split(",")
+
+    @property
+    def customer_access(self) -> dict[str, Any]:
+        """emp-job-queue's customer_access capability."""
+        return {"isolation": self.customer_isolation, "allowed_customers": _split(self.allowed_customers),
+                "denied_customers": _split(self.denied_customers)}
+
+    @property
+    def custom_capabilities(self) -> dict[str, Any]:
+        """EMP_CAPABILITIES: the operator's custom capability keys."""
+        parsed: dict[str, Any] = json.loads(self.capabilities) if self.capabilities else {}
+        return parsed
+
+
+def _split(value: str) -> list[str]:
+    return [part.strip() for part in value.split(",") if part.strip()]
 
 
 def _field_of(location: str) -> str:
@@ -133,7 +194,11 @@ def load_settings(**overrides: Any) -> Settings:
     """Build the settings (CLI overrides win); raise ConfigError with one readable line."""
     clean = {f"EMP_{k.upper()}": v for k, v in overrides.items() if v is not None}
     try:
-        return Settings(**clean)
+        settings = Settings(**clean)
+        if settings.customer_isolation == "strict" and not settings.allowed_customers:
+            raise ConfigError("EMP_CUSTOMER_ISOLATION='strict': needs EMP_ALLOWED_CUSTOMERS (a comma list of "
+                              "the customer ids this worker serves)")
+        return settings
     except ValidationError as exc:
         error = exc.errors()[0]
         field = _field_of(str(error["loc"][0])) if error["loc"] else "?"

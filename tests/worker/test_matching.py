@@ -79,7 +79,26 @@ CASES: list[tuple[str, dict[str, Any], str, Any, str, bool]] = [
     ("requirements a list", BASE, "comfyui", [1, 2], "", False),
     ("worker without hardware", {**BASE, "hardware": {}}, "comfyui", {"hardware": {"gpu_memory_gb": 1}}, "", False),
     ("worker without models", {**BASE, "models": {}}, "comfyui", {"models": ["sdxl"]}, "", False),
+    ("loaded models are not a rule", {**BASE, "loaded": []}, "comfyui", {"models": ["sdxl"]}, "", True),
+    ("customer_access not an object", {**BASE, "customer_access": "strict"}, "comfyui", {}, "acme", True),
+    ("denied list wins over allowed", {**STRICT, "customer_access": {
+        "isolation": "strict", "allowed_customers": ["acme"], "denied_customers": ["acme"]}},
+     "comfyui", {}, "acme", False),
 ]
+
+WORKFLOW = {**BASE, "workflow_id": "wf-1"}
+# (name, capabilities, service, requirements, customer, workflow id, expected)
+WORKFLOW_CASES: list[tuple[str, dict[str, Any], str, Any, str, str, bool]] = [
+    ("restricted worker, its workflow", WORKFLOW, "comfyui", {}, "", "wf-1", True),
+    ("restricted worker, other workflow", WORKFLOW, "comfyui", {}, "", "wf-2", False),
+    ("restricted worker, no workflow", WORKFLOW, "comfyui", {}, "", "", False),
+    ("restricted worker, its workflow, too big", WORKFLOW, "comfyui", {"hardware": {"gpu_memory_gb": 80}},
+     "", "wf-1", False),
+    ("unrestricted worker, any workflow", BASE, "comfyui", {}, "", "wf-2", True),
+    ("empty restriction is none", {**BASE, "workflow_id": ""}, "comfyui", {}, "", "wf-2", True),
+    ("non-string restriction ignored", {**BASE, "workflow_id": 7}, "comfyui", {}, "", "wf-2", True),
+]
+ALL_CASES = [(n, c, s, r, cu, "", e) for n, c, s, r, cu, e in CASES] + WORKFLOW_CASES
 
 
 def _requirements(value: Any) -> str:
@@ -88,18 +107,19 @@ def _requirements(value: Any) -> str:
     return json.dumps(value)
 
 
-@pytest.mark.parametrize(("name", "caps", "service", "requirements", "customer", "expected"), CASES,
-                         ids=[c[0] for c in CASES])
+@pytest.mark.parametrize(("name", "caps", "service", "requirements", "customer", "workflow", "expected"),
+                         ALL_CASES, ids=[c[0] for c in ALL_CASES])
 async def test_matching_table_python_and_lua_agree(
     redis: aioredis.Redis, keys: Keys, name: str, caps: dict[str, Any], service: str, requirements: Any,
-    customer: str, expected: bool,
+    customer: str, workflow: str, expected: bool,
 ) -> None:
     reqs = _requirements(requirements)
-    assert matches(caps, service, reqs, customer) is expected, f"python: {name}"
+    assert matches(caps, service, reqs, customer, workflow) is expected, f"python: {name}"
     queue = Queue(redis, keys, QueueConfig())
-    lua = await queue._scripts["match_probe"](keys=[], args=[keys.prefix, json.dumps(caps), service, reqs, customer])
+    lua = await queue._scripts["match_probe"](
+        keys=[], args=[keys.prefix, json.dumps(caps), service, reqs, customer, workflow])
     assert bool(lua) is expected, f"lua: {name}"
 
 
 def test_the_table_is_large_enough() -> None:
-    assert len(CASES) >= 40
+    assert len(ALL_CASES) >= 40

@@ -1,0 +1,130 @@
+"""Hardware discovery: the NVML mapping, fed by a fake NVML, and the degraded paths."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import NoReturn
+
+import pytest
+
+from tests.worker.test_cli import _cli
+from worker.errors import ConfigError
+from worker.hardware import (
+    FakeNvml,
+    FakeNvmlError,
+    GpuReader,
+    discover_with,
+    hardware_capabilities,
+    open_reader,
+    parse_fake_gpus,
+)
+
+
+@pytest.mark.parametrize(("spec", "expected"), [
+    ("2x24GB", [(24.0, "Fake GPU 24GB")] * 2),
+    ("24GB,80GB", [(24.0, "Fake GPU 24GB"), (80.0, "Fake GPU 80GB")]),
+    ("1x80GB:NVIDIA H100 80GB HBM3", [(80.0, "NVIDIA H100 80GB HBM3")]),
+    ("12.5g", [(12.5, "Fake GPU 12.5GB")]),
+])
+def test_fake_gpu_specs(spec: str, expected: list[tuple[float, str]]) -> None:
+    assert parse_fake_gpus(spec) == expected
+
+
+@pytest.mark.parametrize("spec", ["", "x24GB", "2x", "24TB", "0x24GB", "2x0GB", "100x24GB", "24GB,,8GB"])
+def test_bad_fake_gpu_specs_are_refused(spec: str) -> None:
+    with pytest.raises(ValueError):
+        parse_fake_gpus(spec)
+
+
+def test_fake_nvml_goes_through_the_nvml_mapping() -> None:
+    reader = GpuReader(FakeNvml(parse_fake_gpus("24GB,80GB:NVIDIA H100")), "fake")
+    hw = discover_with(reader)
+    reader.close()
+    assert hw.gpu_source == "fake" and hw.gpu_error == ""
+    assert [g.index for g in hw.gpus] == [0, 1]
+    small, big = hw.gpus
+    assert (small.memory_total_gb, big.memory_total_gb) == (24.0, 80.0)
+    assert big.name == "NVIDIA H100" and small.name == "Fake GPU 24GB"  # bytes names decoded
+    assert small.uuid.startswith("GPU-") and small.uuid != big.uuid
+    assert 0 < small.memory_free_gb < small.memory_total_gb
+    assert small.compute_capability == "8.9" and hw.cuda_version == "12.4"
+    # unsupported readings are empty, not errors, and do not make the GPU unhealthy
+    assert small.ecc_uncorrected is None and small.remap_failure is None
+    assert small.to_dict()["healthy"] is True
+    assert hardware_capabilities(hw, big)["gpu_memory_gb"] == 80.0
+    assert hardware_capabilities(hw, None)["gpu_memory_gb"] == 0
+    assert hw.cpu_cores >= 1 and hw.ram_gb > 0
+
+
+class _BrokenNvml(FakeNvml):
+    def nvmlInit(self) -> None:
+        raise FakeNvmlError("Driver Not Loaded")
+
+
+class _LostGpu(FakeNvml):
+    def nvmlDeviceGetMemoryInfo(self, handle: int) -> NoReturn:
+        raise FakeNvmlError("GPU is lost")
+
+
+class _FailingGpu(FakeNvml):
+    def nvmlDeviceGetRetiredPagesPendingStatus(self, handle: int) -> int:
+        return 1
+
+    def nvmlDeviceGetTotalEccErrors(self, handle: int, error_type: int, counter: int) -> int:
+        return 3
+
+    def nvmlDeviceGetCurrentClocksEventReasons(self, handle: int) -> int:
+        return 0x40 | 0x1
+
+
+def test_a_broken_driver_gives_a_cpu_only_inventory_and_one_log_line(caplog: pytest.LogCaptureFixture) -> None:
+    with pytest.raises(FakeNvmlError):
+        GpuReader(_BrokenNvml([(24.0, "x")]), "fake")  # open_reader catches this for real NVML
+    caplog.set_level(logging.INFO, logger="worker.hardware")
+    hw = discover_with(None, "NVMLError_DriverNotLoaded: Driver Not Loaded")
+    assert hw.gpus == [] and hw.gpu_source == "none" and "Driver Not Loaded" in hw.gpu_error
+    lines = [r.getMessage() for r in caplog.records if r.name == "worker.hardware"]
+    assert len(lines) == 1 and "CPU-only" in lines[0]
+
+
+def test_a_gpu_that_cannot_be_read_degrades_instead_of_crashing(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="worker.hardware")
+    reader = GpuReader(_LostGpu([(24.0, "x")]), "fake")
+    hw = discover_with(reader)
+    assert hw.gpus == [] and "GPU is lost" in hw.gpu_error
+    assert len([r for r in caplog.records if r.name == "worker.hardware"]) == 1
+
+
+def test_health_signals_are_mapped() -> None:
+    reader = GpuReader(_FailingGpu([(80.0, "x")]), "fake")
+    gpu = reader.read(0)
+    assert gpu.retired_pages_pending is True and gpu.ecc_uncorrected == 3
+    assert gpu.slowdowns == ("hw_thermal",)
+    assert gpu.problems and "reset" in gpu.problems[0]
+    assert any("ECC" in w for w in gpu.warnings)
+    assert gpu.to_dict()["healthy"] is False
+
+
+def test_real_nvml_absent_here_is_reported_not_raised() -> None:
+    reader, error = open_reader("")
+    if reader is not None:  # a machine with a driver: the real reader works
+        assert reader.count() >= 0
+        reader.close()
+    else:
+        assert error
+
+
+def test_bad_fake_spec_names_the_variable() -> None:
+    with pytest.raises(ConfigError, match="EMP_FAKE_GPUS='3xfoo'"):
+        open_reader("3xfoo")
+
+
+async def test_hardware_command_prints_json() -> None:
+    code, out, _ = await _cli("hardware", "--json", EMP_FAKE_GPUS="24GB,80GB")
+    assert code == 0
+    data = json.loads(out)
+    assert [g["memory_total_gb"] for g in data["gpus"]] == [24.0, 80.0]
+    assert data["gpu_source"] == "fake" and data["cpu_cores"] >= 1
+    code, _, err = await _cli("hardware", EMP_FAKE_GPUS="lots")
+    assert code == 2 and "EMP_FAKE_GPUS='lots'" in err and len(err.strip().splitlines()) == 1
