@@ -15,7 +15,8 @@ from typing import Any
 class WorkerProcess:
     """``async with WorkerProcess(url, prefix, id) as proc:`` -- killed on exit if still running."""
 
-    def __init__(self, redis_url: str, prefix: str, worker_id: str, **env: Any) -> None:
+    def __init__(self, redis_url: str, prefix: str, worker_id: str, *, args: tuple[str, ...] = (), **env: Any) -> None:
+        self.args = args
         values = {
             "EMP_REDIS_URL": redis_url, "EMP_KEY_PREFIX": prefix, "EMP_WORKER_ID": worker_id,
             "EMP_CONNECTORS": "simulation", "EMP_HEARTBEAT_INTERVAL_S": "0.5", "EMP_LEASE_S": "2",
@@ -28,7 +29,7 @@ class WorkerProcess:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> WorkerProcess:
-        self.proc = subprocess.Popen([sys.executable, "-m", "worker", "run"], env=self.env,
+        self.proc = subprocess.Popen([sys.executable, "-m", "worker", "run", *self.args], env=self.env,
                                      stdout=subprocess.DEVNULL, stderr=self.log)
         return self
 

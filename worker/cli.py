@@ -169,9 +169,10 @@ def status(
 ) -> None:
     """Queue depth by service, and the live workers with their state."""
     settings = _settings(redis_url=redis_url)
-    depth, workers = _run(_status(settings))
+    depth, workers, stuck = _run(_status(settings))
     if as_json or not out.is_terminal:
-        out.print_json(json.dumps({"pending": depth, "workers": [w.__dict__ for w in workers]}))
+        out.print_json(json.dumps({"pending": depth, "workers": [w.__dict__ for w in workers],
+                                   "unrunnable": [u.__dict__ for u in stuck]}))
         return
     queue = Table(title=f"Pending jobs ({redact_url(settings.redis_url)})")
     queue.add_column("service")
@@ -186,13 +187,21 @@ def status(
         table.add_row(w.worker_id, w.status, "yes" if w.alive else "no", w.current_job_id,
                       ",".join(w.services), str(w.completed), str(w.failed))
     out.print(table)
+    if stuck:
+        warn = Table(title="[red]Pending jobs no live worker can run[/red]")
+        for column in ("service", "requirements", "customer", "pending", "oldest wait", "why"):
+            warn.add_column(column)
+        for u in stuck:
+            warn.add_row(u.service, u.requirements[:80] or "-", u.customer_id or "-", str(u.pending),
+                         f"{u.oldest_wait_s:.0f}s", u.reason)
+        out.print(warn)
 
 
-async def _status(settings: Settings) -> tuple[dict[str, int], list[Any]]:
+async def _status(settings: Settings) -> tuple[dict[str, int], list[Any], list[Any]]:
     from worker.client import Client
 
     async with Client.from_url(settings.redis_url, settings.key_prefix) as client:
-        return await client.queue_depth(), await client.workers()
+        return await client.queue_depth(), await client.workers(), await client.unrunnable()
 
 
 @app.command()

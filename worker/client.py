@@ -11,6 +11,7 @@ Used by the CLI and the tests::
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from worker.keys import Keys
+from worker.matching import matches
 from worker.protocol import emp_job_queue_score, epoch_ms, submit_fields
 from worker.queue import Queue, QueueConfig
 
@@ -167,6 +169,58 @@ class Client:
                 failed=int(record.get("total_jobs_failed", 0) or 0),
             ))
         return infos
+
+    async def live_capabilities(self) -> dict[str, dict[str, Any]]:
+        """What each live worker matches with when it claims (its emp_caps), by worker id."""
+        found: dict[str, dict[str, Any]] = {}
+        for worker_id in sorted(await self.redis.smembers(self.keys.workers_active)):
+            if not await self.redis.exists(self.keys.heartbeat(worker_id)):
+                continue
+            try:
+                caps = json.loads(await self.redis.hget(self.keys.worker(worker_id), "emp_caps") or "")
+            except ValueError:
+                continue  # a worker of the system we replace: its capabilities are not comparable
+            if isinstance(caps, dict):
+                found[worker_id] = caps
+        return found
+
+    async def unrunnable(self) -> list[Unrunnable]:
+        """Pending job classes that no live worker matches (workers restricted to one workflow
+        are left out: they only take that workflow's jobs)."""
+        workers = await self.live_capabilities()
+        now_ms = time.time() * 1000
+        found = []
+        for class_id, raw in (await self.redis.hgetall(self.keys.classes)).items():
+            try:
+                meta = json.loads(raw)
+            except ValueError:
+                continue
+            service, reqs, customer = meta.get("service", ""), meta.get("requirements", ""), meta.get("customer_id", "")
+            if any(matches(caps, service, reqs, customer) for caps in workers.values()):
+                continue
+            head = await self.redis.zrange(self.keys.class_queue(class_id), 0, 0)
+            pending = await self.redis.zcard(self.keys.class_queue(class_id))
+            if not pending:
+                continue
+            offering = [w for w, caps in workers.items() if service in (caps.get("services") or [])]
+            reason = (f"{len(offering)} live worker(s) run {service!r} but none meets the requirements"
+                      if offering else f"no live worker runs {service!r}")
+            effective_ms = float(head[0].split(":", 1)[0]) if head else now_ms
+            found.append(Unrunnable(service, reqs, customer, pending, max(0.0, (now_ms - effective_ms) / 1000),
+                                    reason))
+        return sorted(found, key=lambda u: -u.pending)
+
+
+@dataclass(frozen=True)
+class Unrunnable:
+    """Pending jobs of one class (service, requirements, customer) that no live worker can run."""
+
+    service: str
+    requirements: str
+    customer_id: str
+    pending: int
+    oldest_wait_s: float
+    reason: str
 
 
 def _event(entry_id: str, fields: Mapping[str, str]) -> JobEvent:
