@@ -119,3 +119,16 @@ async def test_workflow_restricted_worker_takes_only_its_workflow_without_head_o
     assert got is not None and got.fields["workflow_id"] == "wf-other"
     assert await redis.zcard(keys.workflow_queue("wf-mine")) == 0
     assert await redis.zcard(keys.workflow_queue("wf-other")) == 299
+
+
+async def test_a_dead_workers_loaded_models_are_forgotten(client: Client, redis: aioredis.Redis, keys: Keys) -> None:
+    queue = Queue(redis, keys, QueueConfig(reap_period_ms=10))
+    await _beat(queue, "ghost", caps(["flux"]))
+    assert await redis.smembers(keys.loaded("flux")) == {"ghost"}
+    await redis.delete(keys.heartbeat("ghost"))  # it died without deregistering
+
+    async def forgotten() -> bool:
+        await _beat(queue, "survivor", caps([]))  # a live worker's beat runs the reaper
+        return not await redis.sismember(keys.loaded("flux"), "ghost")
+
+    await wait_until(forgotten, within_s=5, interval=0.02)

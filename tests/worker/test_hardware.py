@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import json
 import logging
 from typing import NoReturn
 
 import pytest
 
+from connectors.base import ConnectorConfig
+from connectors.manager import Plugins
+from tests.conftest import fast_settings, wait_until
 from tests.worker.test_cli import _cli
+from worker.agent import Worker
+from worker.client import Client, connect
 from worker.errors import ConfigError
 from worker.hardware import (
     FakeNvml,
@@ -19,6 +26,7 @@ from worker.hardware import (
     open_reader,
     parse_fake_gpus,
 )
+from worker.keys import Keys
 
 
 @pytest.mark.parametrize(("spec", "expected"), [
@@ -128,3 +136,54 @@ async def test_hardware_command_prints_json() -> None:
     assert data["gpu_source"] == "fake" and data["cpu_cores"] >= 1
     code, _, err = await _cli("hardware", EMP_FAKE_GPUS="lots")
     assert code == 2 and "EMP_FAKE_GPUS='lots'" in err and len(err.strip().splitlines()) == 1
+
+
+async def test_an_unhealthy_gpu_stops_its_slot_claiming_until_it_recovers(redis_url: str, keys: Keys) -> None:
+    nvml = _Switchable([(80.0, "x")])
+    reader = GpuReader(nvml, "fake")
+    settings = fast_settings(redis_url, keys)
+    conn = connect(redis_url)
+    plugins = Plugins()
+    worker = Worker(settings, conn, plugins.create_connectors(["simulation"], ConnectorConfig("gpu-slot", 0)),
+                    worker_id="gpu-slot", hardware={"gpu_memory_gb": 80}, plugins=plugins,
+                    gpu=reader.read(0), gpu_probe=functools.partial(reader.read, 0))
+    task = asyncio.create_task(worker.run())
+    client = Client(conn, keys)
+    try:
+        await wait_until(lambda: worker.state.value == "idle", within_s=10)
+        nvml.broken = True
+        await wait_until(lambda: worker.gpu_problem != "", within_s=10)
+        job_id = await client.submit("simulation", {"duration_s": 0})
+
+        async def advertised_unhealthy() -> bool:
+            record = json.loads((await conn.hgetall(keys.worker("gpu-slot")))["capabilities"])
+            return record["gpus"][0]["healthy"] is False
+
+        await wait_until(advertised_unhealthy, within_s=10)
+        beats: set[str] = set()
+
+        async def two_more_beats() -> bool:  # the slot woke (job_submitted) and beat, yet did not claim
+            beats.add(await conn.hget(keys.worker("gpu-slot"), "last_heartbeat") or "")
+            return len(beats) >= 3
+
+        await wait_until(two_more_beats, within_s=10)
+        assert (await client.get(job_id))["status"] == "pending"
+        nvml.broken = False
+        await wait_until(lambda: _completed(client, job_id), within_s=15)
+    finally:
+        worker.request_stop()
+        worker.fast_stop.set()
+        await asyncio.wait_for(task, 20)
+        await conn.aclose()
+        reader.close()
+
+
+class _Switchable(FakeNvml):
+    broken = False
+
+    def nvmlDeviceGetRemappedRows(self, handle: int) -> tuple[int, int, int, int]:
+        return (0, 2, 1, 0) if self.broken else (0, 0, 0, 0)
+
+
+async def _completed(client: Client, job_id: str) -> bool:
+    return (await client.get(job_id)).get("status") == "completed"
