@@ -1,10 +1,12 @@
-"""`emp-worker demo`: a private Redis, simulation workers, a batch of mixed-priority jobs moving
-through the queue with live progress, and a summary table."""
+"""`emp-worker demo`: a private Redis, simulation workers on pretend GPUs of 24 and 80 GB, a batch
+of mixed-priority jobs (some needing 40 GB) moving through the queue with live progress, and a
+summary table."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import random
 import time
@@ -20,6 +22,7 @@ from connectors.manager import Plugins
 from worker.agent import Worker
 from worker.client import Client, connect
 from worker.embedded import EmbeddedRedis
+from worker.hardware import FakeNvml, GpuReader, discover_with, hardware_capabilities
 from worker.keys import Keys
 from worker.protocol import parse_time
 from worker.settings import load_settings
@@ -50,13 +53,18 @@ async def _demo(url: str, prefix: str, jobs: int, workers: int, duration_s: floa
     plugins = Plugins()
     running: list[tuple[Worker, asyncio.Task[None]]] = []
     conns = []
-    for index in range(workers):
-        worker_id = f"demo-sim-{index}"
+    # pretend GPUs (every third one, and the last, has 80 GB), read through the NVML mapping code
+    sizes = [80.0 if i % 3 == 2 or i == workers - 1 else 24.0 for i in range(workers)]
+    reader = GpuReader(FakeNvml([(size, f"Fake GPU {size:g}GB") for size in sizes]), "fake")
+    hardware = discover_with(reader)
+    for gpu in hardware.gpus:
+        worker_id = f"gpu{gpu.index}-{gpu.memory_total_gb:g}gb"
         conn = connect(url)
         conns.append(conn)
-        connectors = plugins.create_connectors(["simulation"], ConnectorConfig(worker_id))
+        connectors = plugins.create_connectors(["simulation"], ConnectorConfig(worker_id, gpu.index))
         worker = Worker(settings, conn, connectors, worker_id=worker_id, plugins=plugins,
-                        hardware={"gpu_memory_gb": 24, "gpu_model": "simulated", "ram_gb": 64, "cpu_cores": 8})
+                        hardware=hardware_capabilities(hardware, gpu), gpu=gpu,
+                        gpu_probe=functools.partial(reader.read, gpu.index))
         running.append((worker, asyncio.create_task(worker.run())))
     client = Client(connect(url), Keys(prefix))
     rng = random.Random(7)
@@ -65,9 +73,12 @@ async def _demo(url: str, prefix: str, jobs: int, workers: int, duration_s: floa
         for n in range(jobs):
             payload = {"duration_s": duration_s * rng.uniform(0.5, 1.5), "steps": 10,
                        "failure_rate": 0.15, "output_bytes": 64}
-            ids.append(await client.submit("simulation", payload, priority=PRIORITIES[n % 4], max_retries=3))
+            big = {"hardware": {"gpu_memory_gb": 40}} if n % 4 == 3 else None
+            ids.append(await client.submit("simulation", payload, priority=PRIORITIES[n % 4], max_retries=3,
+                                           requirements=big))
         console.print(f"Submitted {jobs} jobs with priorities {', '.join(map(str, PRIORITIES))} "
-                      f"to {workers} simulation workers")
+                      f"(every fourth needs 40 GB of VRAM) to {workers} simulation workers on "
+                      f"{', '.join(f'{size:g}' for size in sizes)} GB GPUs")
         await _watch(client, ids, console, timeout_s=120 + jobs * duration_s * 3 / workers)
         rows = [await client.get(job_id) for job_id in ids]
         console.print(_summary(rows))
@@ -79,6 +90,7 @@ async def _demo(url: str, prefix: str, jobs: int, workers: int, duration_s: floa
         await client.redis.aclose()
         for conn in conns:
             await conn.aclose()
+        reader.close()
 
 
 async def _snapshot(client: Client, ids: list[str]) -> list[dict[str, str]]:
@@ -136,13 +148,14 @@ def _ms_between(a: str | None, b: str | None) -> float | None:
 
 def _summary(rows: list[dict[str, Any]]) -> Table:
     table = Table(title="Summary (in claim order)")
-    for column in ("job", "priority", "status", "worker", "attempts", "waited ms", "ran ms"):
-        table.add_column(column)
+    for column in ("job", "prio", "needs", "status", "worker", "tries", "wait ms", "ran ms"):
+        table.add_column(column, no_wrap=True)
     ordered = sorted(rows, key=lambda r: r.get("assigned_at") or "~")
     for row in ordered:
         waited = _ms_between(row.get("created_at"), row.get("assigned_at"))
         ran = row.get("processing_time", "")
-        table.add_row(row.get("id", "")[:8], row.get("priority", ""), row.get("status", ""),
+        needs = "40 GB" if "gpu_memory_gb" in row.get("requirements", "") else ""
+        table.add_row(row.get("id", "")[:8], row.get("priority", ""), needs, row.get("status", ""),
                       row.get("worker_id", ""), row.get("attempt", ""),
                       f"{waited:.0f}" if waited is not None else "", ran)
     done = sum(1 for r in rows if r.get("status") == "completed")

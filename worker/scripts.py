@@ -162,8 +162,9 @@ local function index_job(id)
     redis.call('ZADD', K('@CLASS_QUEUE@' .. class), score, member)
     local wf = j['workflow_id']
     if wf and wf ~= '' then redis.call('ZADD', K('@WF_QUEUE@' .. wf), score, member) end
-    redis.call('SADD', K('@INDEXED@'), id)
-    redis.call('HSET', jk, 'emp_indexed_ms', tostring(now_ms()))
+    if redis.call('SADD', K('@INDEXED@'), id) == 1 then  -- claimable from now (model affinity's clock)
+      redis.call('HSET', jk, 'emp_indexed_ms', tostring(now_ms()))
+    end
   end
   if j['emp_member'] and j['emp_class'] then
     register(j['emp_class'])

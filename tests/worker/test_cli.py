@@ -61,3 +61,15 @@ async def test_status_lists_queue_and_workers(redis_url: str, keys: Keys, start_
 async def test_gpu_that_does_not_exist_stops_start_up() -> None:
     code, _, err = await _cli("run", "--gpu", "999")
     assert code == 2 and "--gpu 999: this machine has" in err
+
+
+async def test_demo_runs_and_places_40gb_jobs_on_the_80gb_gpu() -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("EMP_REDIS_URL", "HUB_REDIS_URL")}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "worker", "demo", "--jobs", "12", "--duration", "0.05", env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, _ = await asyncio.wait_for(proc.communicate(), 90)
+    text = out.decode()
+    assert proc.returncode == 0, text
+    big_rows = [line for line in text.splitlines() if "40 GB" in line and "│" in line]  # summary rows
+    assert len(big_rows) == 3 and all("80gb" in line for line in big_rows)
