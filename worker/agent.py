@@ -7,7 +7,10 @@ logs and survives errors:
 * the claim loop claims while a slot is free, then waits for a wake-up (a ``job_submitted``
   message, a freed slot, a promoted retry) or a jittered slow poll;
 * the listener reads ``job_submitted`` and ``cancel_job`` on one pub/sub connection;
-* the heartbeat loop refreshes the worker record, renews leases and checks connector health.
+* the heartbeat loop refreshes the worker record (with this slot's GPU, re-read), renews leases,
+  checks connector health and records the models the connectors hold loaded.
+
+worker/daemon.py runs one Worker per GPU slot and handles the process's signals.
 """
 
 from __future__ import annotations
@@ -18,7 +21,6 @@ import enum
 import json
 import logging
 import random
-import signal
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
@@ -148,6 +150,7 @@ class Worker:
         self.gpu = gpu
         self.gpu_probe = gpu_probe
         self.gpu_problem = ""
+        self.custom = settings.custom_capabilities
         self.state = WorkerState.STARTING
         self.running: dict[str, RunningJob] = {}
         self.stopping = asyncio.Event()
@@ -180,7 +183,7 @@ class Worker:
             "hardware": self.hardware,
             "models": self.models,
             "customer_access": self.settings.customer_access,
-            "custom": dict(self.settings.custom_capabilities),
+            "custom": dict(self.custom),
             "workflow_id": self.settings.workflow_id,
             "loaded": self.loaded,
         }
@@ -220,11 +223,6 @@ class Worker:
             self.fast_stop.set()
         self.stopping.set()
         self.wake.set()
-
-    def install_signal_handlers(self) -> None:
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self.request_stop)
 
     async def run(self) -> None:
         """Run until request_stop(); then drain, deregister and return."""
