@@ -134,6 +134,7 @@ class Worker:
         plugins: Plugins | None = None,
         gpu: Gpu | None = None,
         gpu_probe: Callable[[], Gpu] | None = None,
+        host: Mapping[str, Any] | None = None,
     ) -> None:
         self.settings = settings
         self.redis = client
@@ -151,6 +152,7 @@ class Worker:
         self.gpu_probe = gpu_probe
         self.gpu_problem = ""
         self.custom = settings.custom_capabilities
+        self.host = dict(host or {})
         self.state = WorkerState.STARTING
         self.running: dict[str, RunningJob] = {}
         self.stopping = asyncio.Event()
@@ -203,6 +205,7 @@ class Worker:
             "loaded_models": self.loaded,
             "customer_access": caps["customer_access"],
             "gpus": [self.gpu.to_dict()] if self.gpu is not None else [],
+            "host": self.host,
         }
         if self.settings.workflow_id:
             advertised["workflow_id"] = self.settings.workflow_id

@@ -116,7 +116,8 @@ async def _run(settings: Settings, embedded: bool, hardware: Hardware, slots: li
             workers = [
                 Worker(settings, client, slot_connectors, worker_id=slot.worker_id,
                        hardware=hardware_capabilities(hardware, slot.gpu), plugins=plugins, gpu=slot.gpu,
-                       gpu_probe=functools.partial(reader.read, slot.index) if reader and slot.gpu else None)
+                       gpu_probe=functools.partial(reader.read, slot.index) if reader and slot.gpu else None,
+                       host=hardware.host())
                 for slot, slot_connectors in zip(slots, connectors, strict=True)
             ]
             await run_slots(workers)

@@ -64,7 +64,7 @@ async def _demo(url: str, prefix: str, jobs: int, workers: int, duration_s: floa
         connectors = plugins.create_connectors(["simulation"], ConnectorConfig(worker_id, gpu.index))
         worker = Worker(settings, conn, connectors, worker_id=worker_id, plugins=plugins,
                         hardware=hardware_capabilities(hardware, gpu), gpu=gpu,
-                        gpu_probe=functools.partial(reader.read, gpu.index))
+                        gpu_probe=functools.partial(reader.read, gpu.index), host=hardware.host())
         running.append((worker, asyncio.create_task(worker.run())))
     client = Client(connect(url), Keys(prefix))
     rng = random.Random(7)

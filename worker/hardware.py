@@ -98,6 +98,12 @@ class Hardware:
         data["gpus"] = [g.to_dict() for g in self.gpus]
         return data
 
+    def host(self) -> dict[str, Any]:
+        """The machine-wide facts a slot advertises beside its own GPU."""
+        return {"os": self.os, "cpu_cores": self.cpu_cores, "ram_gb": self.ram_gb,
+                "disk_free_gb": self.disk_free_gb, "driver_version": self.driver_version,
+                "cuda_version": self.cuda_version, "gpu_source": self.gpu_source, "gpu_count": len(self.gpus)}
+
 
 # --- the fake NVML ------------------------------------------------------------------------------
 

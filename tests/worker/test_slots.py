@@ -56,6 +56,8 @@ async def test_two_fake_gpus_advertise_their_own_memory(client: Client, redis_ur
         assert gpu["index"] == 1 and gpu["memory_total_gb"] == 80.0 and 0 < gpu["memory_free_gb"] < 80
         assert records[SLOT0]["models"] == {"simulation": ["flux", "sdxl"]}
         assert records[SLOT0]["job_service_required_map"] == ["simulation"]
+        host = records[SLOT0]["host"]
+        assert host["gpu_count"] == 2 and host["cuda_version"] == "12.4" and host["gpu_source"] == "fake"
         assert proc.running
 
 
