@@ -452,14 +452,13 @@ class Worker:
         self.claims += 1
         running = RunningJob(claimed.job_id, claimed.attempt)
         self.running[claimed.job_id] = running
-        task = asyncio.create_task(self._execute(claimed, running), name=f"job-{claimed.job_id}")
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._spawn(self._execute(claimed, running), name=f"job-{claimed.job_id}")
         if self.state is WorkerState.IDLE:
             self._spawn(self._set_state(WorkerState.BUSY))
 
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.create_task(coro)
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str | None = None) -> None:
+        """Run `coro` as a task the drain waits for."""
+        task = asyncio.create_task(coro, name=name)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 

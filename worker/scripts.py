@@ -185,6 +185,12 @@ local function index_job(id)
   return 'indexed'
 end
 
+-- Make a pending job claimable again: back in jobs:pending at its old score, and indexed.
+local function make_pending(id, pending_score)
+  redis.call('ZADD', K('@PENDING@'), pending_score or '0', id)
+  return index_job(id)
+end
+
 local function unindex_job(id, class, member)
   if class and member then
     redis.call('ZREM', K('@CLASS_QUEUE@' .. class), member)
@@ -722,8 +728,7 @@ local function requeue(id, j, due_ms)
   if due_ms > 0 then
     redis.call('ZADD', K('@DELAYED@'), due_ms, id)
   else
-    redis.call('ZADD', K('@PENDING@'), j['emp_pending_score'] or '0', id)
-    index_job(id)
+    make_pending(id, j['emp_pending_score'])
   end
 end
 """
@@ -841,8 +846,7 @@ for _, id in ipairs(redis.call('ZRANGEBYSCORE', K('@DELAYED@'), '-inf', ms, 'LIM
   redis.call('ZREM', K('@DELAYED@'), id)
   local f = redis.call('HMGET', K('@JOB@' .. id), 'status', 'emp_pending_score')
   if f[1] == 'pending' then
-    redis.call('ZADD', K('@PENDING@'), f[2] or '0', id)
-    index_job(id)
+    make_pending(id, f[2])
     publish('@CH_JOB_SUBMITTED@', { job_id = id, retry = true, timestamp = ms })
     promoted = promoted + 1
   end
