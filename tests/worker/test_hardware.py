@@ -187,3 +187,22 @@ class _Switchable(FakeNvml):
 
 async def _completed(client: Client, job_id: str) -> bool:
     return (await client.get(job_id)).get("status") == "completed"
+
+
+def test_the_fake_answers_the_same_calls_as_pynvml() -> None:
+    """Every call GpuReader makes on the fake exists in pynvml with the same parameters."""
+    import inspect
+
+    import pynvml
+
+    for name, method in inspect.getmembers(FakeNvml, inspect.isfunction):
+        if not name.startswith("nvml"):
+            continue
+        real = getattr(pynvml, name, None)
+        assert real is not None, f"pynvml has no {name}"
+        fake_params = list(inspect.signature(method).parameters)[1:]  # without self
+        required = [p for p in inspect.signature(real).parameters.values() if p.default is inspect.Parameter.empty]
+        assert len(required) == len(fake_params), name
+    for constant in ("NVML_TEMPERATURE_GPU", "NVML_MEMORY_ERROR_TYPE_UNCORRECTED", "NVML_VOLATILE_ECC"):
+        assert getattr(pynvml, constant) == getattr(FakeNvml, constant)
+    assert issubclass(pynvml.NVMLError, Exception)
