@@ -44,6 +44,8 @@ from worker.settings import Settings
 log = logging.getLogger("emp.worker")
 
 PERSIST_DEADLINE_S = 600.0
+GPU_READ_TIMEOUT_S = 2.0
+LOADED_TIMEOUT_S = 1.0
 STOP_WAIT_S = 10.0
 
 
@@ -150,7 +152,7 @@ class Worker:
         self.loaded: list[str] = []
         self.gpu = gpu
         self.gpu_probe = gpu_probe
-        self.gpu_problem = ""
+        self.gpu_problem = "; ".join(gpu.problems) if gpu is not None else ""
         self.custom = settings.custom_capabilities
         self.host = dict(host or {})
         self.state = WorkerState.STARTING
@@ -296,9 +298,18 @@ class Worker:
     # --- heartbeat -------------------------------------------------------------------------------
 
     async def _heartbeat(self) -> None:
+        """Refresh what the slot advertises, then beat (start-up and drain)."""
+        await self._refresh()
+        await self._beat()
+
+    async def _refresh(self) -> None:
+        """Connector health, this slot's GPU and loaded models, each bounded in time."""
         await self._refresh_health()
         await self._refresh_gpu()
         self.loaded = await self._loaded_now()
+
+    async def _beat(self) -> None:
+        """One heartbeat script: the worker record, lease renewal, promotion, reaping."""
         ttl = max(int(self.settings.heartbeat_interval_s * 3), int(self.settings.lease_s) + 1)
         status = self.state.value if self.state is not WorkerState.STARTING else "idle"
         held = {job_id: job.attempt for job_id, job in self.running.items()}
@@ -335,8 +346,10 @@ class Worker:
         if self.gpu_probe is None:
             return
         try:
-            self.gpu = await asyncio.to_thread(self.gpu_probe)
+            self.gpu = await asyncio.wait_for(asyncio.to_thread(self.gpu_probe), GPU_READ_TIMEOUT_S)
             problem = "; ".join(self.gpu.problems)
+        except TimeoutError:
+            problem = f"reading the GPU took over {GPU_READ_TIMEOUT_S:.0f}s"
         except Exception as exc:
             problem = f"cannot read the GPU: {type(exc).__name__}: {exc}"
         if problem and problem != self.gpu_problem:
@@ -357,7 +370,7 @@ class Worker:
         loaded: list[str] = []
         for connector in self.connectors:
             try:
-                loaded.extend(await asyncio.wait_for(connector.loaded_models(), timeout=5.0))
+                loaded.extend(await asyncio.wait_for(connector.loaded_models(), timeout=LOADED_TIMEOUT_S))
             except Exception as exc:
                 log.debug("connector %s loaded_models failed: %s", connector.name, exc)
         return sorted({m for m in loaded if isinstance(m, str) and 0 < len(m) <= 512})[:256]
@@ -367,7 +380,8 @@ class Worker:
         while True:
             await asyncio.sleep(interval * random.uniform(0.9, 1.1))  # the heartbeat period
             try:
-                await self._heartbeat()
+                await self._beat()  # leases first: a slow engine or GPU read must never cost one
+                await self._refresh()  # advertised by the next beat
             except RedisUnavailable as exc:
                 log.warning("heartbeat failed: %s", exc)
             except Exception:
@@ -504,8 +518,10 @@ class Worker:
             result, error = await self._run_connector(connector, job, running)
         finally:
             await reporter.close()
-        with contextlib.suppress(RedisUnavailable):
+        try:
             await self._sync_loaded()  # before the outcome frees this slot for the next job
+        except Exception as exc:  # affinity is an optimisation: never let it cost the outcome
+            log.warning("could not record loaded models: %s: %s", type(exc).__name__, exc)
         return await self._record(job, running, result, error)
 
     async def _run_connector(

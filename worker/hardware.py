@@ -27,6 +27,7 @@ from worker.errors import ConfigError
 log = logging.getLogger(__name__)
 GIB = 1024**3
 MAX_FAKE_GPUS = 64
+READ_TIMEOUT_S = 2.0
 T = TypeVar("T")
 
 # NVML clock event reasons that mean the GPU is slowed by something other than being idle or
@@ -51,11 +52,18 @@ class Gpu:
     remapped_rows_pending: bool | None = None
     remap_failure: bool | None = None
     slowdowns: tuple[str, ...] = ()
+    read_error: str = ""  # set when NVML could not read this GPU at all
+
+    @classmethod
+    def unreadable(cls, index: int, error: str) -> Gpu:
+        """A GPU NVML lists but cannot read: its slot exists and takes no jobs until it reads again."""
+        return cls(index=index, uuid="", name="unreadable GPU", memory_total_gb=0.0, memory_free_gb=0.0,
+                   read_error=error)
 
     @property
     def problems(self) -> list[str]:
         """Health signals that call for a reset or replacement; a GPU with any takes no jobs."""
-        found = []
+        found = [f"cannot be read: {self.read_error}"] if self.read_error else []
         if self.retired_pages_pending:
             found.append("retired memory pages pending (needs a GPU reset)")
         if self.remapped_rows_pending:
@@ -120,10 +128,10 @@ def parse_fake_gpus(spec: str) -> list[tuple[float, str]]:
         count, memory = int(match.group(1) or 1), float(match.group(2))
         if count < 1 or not 1 <= memory <= 4096:
             raise ValueError(f"{item!r}: count must be at least 1 and memory 1-4096 GB")
+        if len(gpus) + count > MAX_FAKE_GPUS:
+            raise ValueError(f"at most {MAX_FAKE_GPUS} fake GPUs")
         name = (match.group(3) or f"Fake GPU {match.group(2)}GB").strip()[:96]
         gpus.extend([(memory, name)] * count)
-    if len(gpus) > MAX_FAKE_GPUS:
-        raise ValueError(f"at most {MAX_FAKE_GPUS} fake GPUs")
     return gpus
 
 
@@ -233,16 +241,23 @@ class GpuReader:
     def __init__(self, nvml: Any, source: str) -> None:
         self.nvml = nvml
         self.source = source
-        self._lock = threading.Lock()  # heartbeats of several slots read from worker threads
+        # Slots read their GPUs from worker threads; one lock per GPU, so that a GPU whose reads
+        # hang (fallen off the bus) holds up only its own slot.
+        self._locks: dict[int, threading.Lock] = {}
+        self._guard = threading.Lock()
         self._handles: dict[int, Any] = {}
         nvml.nvmlInit()
         self.open = True
 
     def close(self) -> None:
-        with self._lock:
+        with self._guard:
             if self.open:
                 self.open = False
                 self.nvml.nvmlShutdown()
+
+    def _lock_of(self, index: int) -> threading.Lock:
+        with self._guard:
+            return self._locks.setdefault(index, threading.Lock())
 
     def _optional(self, read: Callable[[], T]) -> T | None:
         try:
@@ -260,7 +275,10 @@ class GpuReader:
     def read(self, index: int) -> Gpu:
         """One GPU now. Raises the NVML error when the GPU cannot be read at all."""
         nvml = self.nvml
-        with self._lock:
+        lock = self._lock_of(index)
+        if not lock.acquire(timeout=READ_TIMEOUT_S):
+            raise TimeoutError(f"an earlier read of GPU {index} is still hanging")
+        try:
             if not self.open:
                 raise RuntimeError("the NVML session is closed")
             handle = self._handles.get(index)
@@ -294,6 +312,8 @@ class GpuReader:
                 remap_failure=bool(remap[3]) if remap is not None else None,
                 slowdowns=tuple(n for bit, n in _SLOWDOWNS.items() if reasons and reasons & bit),
             )
+        finally:
+            lock.release()
 
 
 def open_reader(fake_gpus: str = "") -> tuple[GpuReader | None, str]:
@@ -318,9 +338,16 @@ def discover_with(reader: GpuReader | None, error: str = "") -> Hardware:
     if reader is not None:
         try:
             driver, cuda = reader.driver()
-            gpus = [reader.read(i) for i in range(reader.count())]
+            count = reader.count()
         except Exception as exc:
-            gpus, error = [], f"{type(exc).__name__}: {exc}"
+            count, error = 0, f"{type(exc).__name__}: {exc}"
+        for index in range(count):  # one bad GPU must not hide the others
+            try:
+                gpus.append(reader.read(index))
+            except Exception as exc:
+                why = f"{type(exc).__name__}: {exc}"
+                log.error("GPU %d cannot be read (%s); its slot takes no jobs until it can", index, why)
+                gpus.append(Gpu.unreadable(index, why))
     if error or not gpus:
         why = error or "NVML found no GPU"
         log.info("no NVIDIA GPU available (%s); advertising a CPU-only worker", why)

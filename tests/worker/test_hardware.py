@@ -6,7 +6,7 @@ import asyncio
 import functools
 import json
 import logging
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import pytest
 
@@ -39,7 +39,8 @@ def test_fake_gpu_specs(spec: str, expected: list[tuple[float, str]]) -> None:
     assert parse_fake_gpus(spec) == expected
 
 
-@pytest.mark.parametrize("spec", ["", "x24GB", "2x", "24TB", "0x24GB", "2x0GB", "100x24GB", "24GB,,8GB"])
+@pytest.mark.parametrize("spec", ["", "x24GB", "2x", "24TB", "0x24GB", "2x0GB", "100x24GB", "24GB,,8GB",
+                                  "99999999999999x24GB", "60x8GB,8x8GB"])
 def test_bad_fake_gpu_specs_are_refused(spec: str) -> None:
     with pytest.raises(ValueError):
         parse_fake_gpus(spec)
@@ -100,8 +101,22 @@ def test_a_gpu_that_cannot_be_read_degrades_instead_of_crashing(caplog: pytest.L
     caplog.set_level(logging.INFO, logger="worker.hardware")
     reader = GpuReader(_LostGpu([(24.0, "x")]), "fake")
     hw = discover_with(reader)
-    assert hw.gpus == [] and "GPU is lost" in hw.gpu_error
+    (gpu,) = hw.gpus  # the slot exists, and takes no jobs while its GPU cannot be read
+    assert "GPU is lost" in gpu.read_error and gpu.problems and gpu.memory_total_gb == 0
     assert len([r for r in caplog.records if r.name == "worker.hardware"]) == 1
+
+
+class _OneLost(FakeNvml):
+    def nvmlDeviceGetMemoryInfo(self, handle: int) -> Any:
+        if handle == 2:
+            raise FakeNvmlError("GPU is lost")
+        return super().nvmlDeviceGetMemoryInfo(handle)
+
+
+def test_one_unreadable_gpu_does_not_hide_the_others() -> None:
+    hw = discover_with(GpuReader(_OneLost(parse_fake_gpus("4x24GB")), "fake"))
+    assert [bool(g.problems) for g in hw.gpus] == [False, False, True, False]
+    assert [g.memory_total_gb for g in hw.gpus] == [24.0, 24.0, 0.0, 24.0]
 
 
 def test_health_signals_are_mapped() -> None:
