@@ -55,8 +55,9 @@ class ConnectorConfig:
     """What the daemon tells a connector about where it runs."""
 
     worker_id: str
-    gpu_index: int | None = None
+    gpu_index: int | None = None  # NVML's index (PCI bus order); may differ from CUDA's default order
     env: Mapping[str, str] = field(default_factory=dict)
+    gpu_uuid: str = ""  # stable: CUDA_VISIBLE_DEVICES=<uuid> pins an engine to this slot's GPU
 
 
 class JobCancelled(EmpWorkerError):

@@ -104,9 +104,10 @@ async def run_daemon(settings: Settings, *, embedded: bool = False, gpu_index: i
 async def _run(settings: Settings, embedded: bool, hardware: Hardware, slots: list[Slot],
                reader: GpuReader | None) -> None:
     plugins = Plugins()
-    connectors = [plugins.create_connectors(settings.connector_names,
-                                            ConnectorConfig(s.worker_id, s.gpu.index if s.gpu else None))
-                  for s in slots]
+    connectors = [plugins.create_connectors(
+        settings.connector_names,
+        ConnectorConfig(s.worker_id, s.gpu.index if s.gpu else None, gpu_uuid=s.gpu.uuid if s.gpu else ""))
+        for s in slots]
     with _redis_url(settings, embedded) as url:
         log.info("connecting to %s: %d slot(s): %s", redact_url(url), len(slots),
                  ", ".join(f"{s.worker_id} ({s.gpu.name}, {s.gpu.memory_total_gb:g} GB)" if s.gpu

@@ -33,6 +33,7 @@ script prefers, among jobs of equal priority, those whose models are all loaded 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -54,17 +55,27 @@ HARDWARE_MIN = ("gpu_memory_gb", "cpu_cores", "ram_gb")
 _STRUCTURAL = frozenset({"hardware", "models", "customer_isolation", "service_type"})
 
 
+_DECIMAL = re.compile(r"^\s*[-+]?(\d+\.?\d*|\.\d+)\s*$")
+
+
 def _number(value: Any) -> float | None:
+    """A number, or a string of decimal digits (no hex, no exponent: the Lua reads the same)."""
     if isinstance(value, bool):
         return None
     if isinstance(value, int | float):
         return float(value)
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            return None
+    if isinstance(value, str) and _DECIMAL.match(value):
+        return float(value)
     return None
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equality of JSON scalars; objects and arrays never compare equal, true is not 1."""
+    if isinstance(a, dict | list) or isinstance(b, dict | list):
+        return False
+    if isinstance(a, bool) != isinstance(b, bool):
+        return False
+    return bool(a == b)
 
 
 def _has_model(caps: Mapping[str, Any], service: str, model: Any) -> bool:
@@ -72,26 +83,30 @@ def _has_model(caps: Mapping[str, Any], service: str, model: Any) -> bool:
     if not isinstance(models, dict):
         return False
     own = models.get(service)
-    if isinstance(own, list) and model in own:
+    if isinstance(own, list) and _in(model, own):
         return True
-    return any(isinstance(names, list) and model in names for names in models.values())
+    return any(isinstance(names, list) and _in(model, names) for names in models.values())
+
+
+def _in(value: Any, items: list[Any]) -> bool:
+    return any(_same(item, value) for item in items)
 
 
 def custom_ok(have: Any, want: Any) -> bool:
-    """list contains / number >= / equality, as emp-job-queue's matcher reads custom keys."""
-    if have is None:
+    """list contains / number >= / equality, as emp-job-queue's matcher reads custom keys.
+    An object on either side never matches (the Lua cannot compare objects)."""
+    if have is None or (isinstance(have, dict) and have) or (isinstance(want, dict) and want):
         return False
-    if isinstance(want, list):
+    if isinstance(want, list | dict):  # ({} reads as [] in Lua: it asks for nothing)
         if isinstance(have, list):
-            return all(w in have for w in want)
-        return all(have == w for w in want)
+            return all(_in(w, have) for w in want)
+        return all(_same(have, w) for w in want)
     if isinstance(have, list):
-        return want in have
-    if isinstance(have, bool) != isinstance(want, bool):
-        return False  # JSON true is not the number 1 (nor is it in Lua)
-    if isinstance(want, int | float) and isinstance(have, int | float) and not isinstance(want, bool):
-        return have >= want
-    return bool(have == want)
+        return _in(want, have)
+    numbers = all(isinstance(v, int | float) and not isinstance(v, bool) for v in (have, want))
+    if numbers:
+        return bool(have >= want)
+    return _same(have, want)
 
 
 def _customer_ok(caps: Mapping[str, Any], isolation: Any, customer: str) -> bool:

@@ -259,10 +259,31 @@ local JOB_ONLY_KEYS = { timeout_minutes = true, quality_level = true, priority =
   timeout_seconds = true, retries = true, tags = true }
 local HARDWARE_MIN = { 'gpu_memory_gb', 'cpu_cores', 'ram_gb' }
 
+-- Values compare only as JSON scalars (tables compare by identity in Lua, so never equal here).
+local function same(a, b)
+  if type(a) == 'table' or type(b) == 'table' then return false end
+  return a == b
+end
+
 local function contains(list, value)
   if type(list) ~= 'table' then return false end
-  for _, v in ipairs(list) do if v == value then return true end end
+  for _, v in ipairs(list) do if same(v, value) then return true end end
   return false
+end
+
+-- A JSON object (not an array): a table with keys but no array part.
+local function is_object(t)
+  return type(t) == 'table' and #t == 0 and next(t) ~= nil
+end
+
+-- A number, or a string of decimal digits (no hex, no exponent), as worker/matching.py reads it.
+local function num(v)
+  if type(v) == 'number' then return v end
+  if type(v) == 'string' and (string.match(v, '^%s*[-+]?%d+%.?%d*%s*$')
+    or string.match(v, '^%s*[-+]?%.%d+%s*$')) then
+    return tonumber(v)
+  end
+  return nil
 end
 
 local function has_model(caps, service, model)
@@ -275,18 +296,18 @@ end
 
 -- Does the worker value satisfy a custom requirement? list contains / number >= / equality.
 local function custom_ok(have, want)
-  if have == nil then return false end
+  if have == nil or have == cjson.null or is_object(have) or is_object(want) then return false end
   if type(want) == 'table' then
     for _, w in ipairs(want) do
       if type(have) == 'table' then
         if not contains(have, w) then return false end
-      elseif have ~= w then return false end
+      elseif not same(have, w) then return false end
     end
     return true
   end
   if type(have) == 'table' then return contains(have, want) end
   if type(want) == 'number' and type(have) == 'number' then return have >= want end
-  return have == want
+  return same(have, want)
 end
 
 local function customer_ok(caps, isolation, customer)
@@ -306,8 +327,8 @@ local function positive_ok(caps, service, pos)
   if type(hw) == 'table' then
     local have = caps['hardware'] or {}
     for _, key in ipairs(HARDWARE_MIN) do
-      local want = tonumber(hw[key])
-      if want and want > (tonumber(have[key]) or 0) then return false end
+      local want = num(hw[key])
+      if want and want > (num(have[key]) or 0) then return false end
     end
     if type(hw['gpu_model']) == 'string' and hw['gpu_model'] ~= ''
       and string.lower(hw['gpu_model']) ~= string.lower(tostring(have['gpu_model'] or '')) then
@@ -469,6 +490,7 @@ if ARGV[5] ~= '' then index_or_fail(ARGV[5], worker, retention, maxlen) end
 reconcile(tonumber(ARGV[10]), retention, maxlen)
 
 local affinity_ms = tonumber(ARGV[11])
+local MAX_AFFINITY_MODELS = 16
 local only_workflow = type(caps['workflow_id']) == 'string' and caps['workflow_id'] or ''
 local loaded = {}
 if type(caps['loaded']) == 'table' then
@@ -484,12 +506,16 @@ local function wanted_models(meta)
   if req['positive_requirements'] ~= nil or req['negative_requirements'] ~= nil then
     pos = req['positive_requirements']
   end
-  local out = {}
+  local out, seen = {}, {}
   if type(pos) == 'table' and type(pos['models']) == 'table' then
     for _, m in ipairs(pos['models']) do
-      if type(m) == 'string' then out[#out + 1] = m end
+      if type(m) == 'string' and not seen[m] then
+        seen[m] = true
+        out[#out + 1] = m
+      end
     end
   end
+  if #out > MAX_AFFINITY_MODELS then return {} end  -- untrusted: bound the work affinity does
   return out
 end
 
@@ -544,19 +570,23 @@ end
 
 if only_workflow ~= '' then
   -- A worker restricted to one workflow looks only at that workflow's jobs.
-  local entries = redis.call('ZRANGE', K('@WF_QUEUE@' .. only_workflow), 0, 63, 'WITHSCORES')
+  -- (a workflow's pending jobs are few; the window bounds the work for a huge one)
+  local wq = K('@WF_QUEUE@' .. only_workflow)
+  local entries = redis.call('ZRANGE', wq, 0, 999, 'WITHSCORES')
+  local seen_class = {}
   for h = 1, #entries, 2 do
     local member, score = entries[h], tonumber(entries[h + 1])
     local id = id_of(member)
     local class = redis.call('HGET', K('@JOB@' .. id), 'emp_class')
     local meta = decode(class and redis.call('HGET', K('@CLASSES@'), class) or '')
     if type(meta) ~= 'table' then
-      redis.call('ZREM', K('@WF_QUEUE@' .. only_workflow), member)
-    else
-      meta['workflow_id'] = only_workflow
-      if matches(caps, meta) then
-        local indexed = usable(id, class, member)
-        if indexed then consider(class, member, score, meta, indexed) end
+      redis.call('ZREM', wq, member)  -- its job is gone
+    elseif not seen_class[class] then
+      local indexed = usable(id, class, member)  -- drops it when stale
+      if indexed then
+        meta['workflow_id'] = only_workflow
+        if matches(caps, meta) then consider(class, member, score, meta, indexed) end
+        seen_class[class] = true  -- the first usable entry of a class is its best
       end
     end
   end

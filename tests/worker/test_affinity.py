@@ -132,3 +132,29 @@ async def test_a_dead_workers_loaded_models_are_forgotten(client: Client, redis:
         return not await redis.sismember(keys.loaded("flux"), "ghost")
 
     await wait_until(forgotten, within_s=5, interval=0.02)
+
+
+async def test_restricted_worker_sees_past_many_jobs_of_its_workflow_it_cannot_run(
+    client: Client, redis: aioredis.Redis, keys: Keys
+) -> None:
+    queue = Queue(redis, keys, QueueConfig())
+    for _ in range(100):
+        await client.submit("other-service", {}, priority=90, workflow_id="wf-mine")
+    mine = await client.submit("simulation", {}, priority=50, workflow_id="wf-mine")
+    got = await queue.claim("restricted", caps(workflow_id="wf-mine"))
+    assert got is not None and got.job_id == mine
+
+
+async def test_a_huge_models_list_skips_the_affinity_hand_off(
+    client: Client, redis: aioredis.Redis, keys: Keys
+) -> None:
+    queue = Queue(redis, keys, QueueConfig(affinity_ms=60_000))
+    many = [f"m{i}" for i in range(40)]
+    holder = caps(many)
+    holder["models"] = {"simulation": many}
+    await _beat(queue, "holder", holder)
+    job_id = await client.submit("simulation", {}, requirements={"models": many})
+    other = caps()
+    other["models"] = {"simulation": many}
+    got = await queue.claim_or_defer("other", other)
+    assert isinstance(got, Claimed) and got.job_id == job_id  # not deferred: the list is over the cap

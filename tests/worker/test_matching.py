@@ -84,6 +84,20 @@ CASES: list[tuple[str, dict[str, Any], str, Any, str, bool]] = [
     ("denied list wins over allowed", {**STRICT, "customer_access": {
         "isolation": "strict", "allowed_customers": ["acme"], "denied_customers": ["acme"]}},
      "comfyui", {}, "acme", False),
+    ("custom object never matches", BASE, "comfyui", {"region": {"x": 1}}, "", False),
+    ("custom empty object asks nothing", BASE, "comfyui", {"region": {}}, "", True),
+    ("negative object excludes nobody", BASE, "comfyui", {"negative_requirements": {"region": {"x": 1}}}, "", True),
+    ("true is not 1 in a list", {**BASE, "custom": {"flags": [1]}}, "comfyui", {"flags": [True]}, "", False),
+    ("objects in lists never equal", {**BASE, "custom": {"objs": [{"a": 1}]}}, "comfyui", {"objs": [{"a": 1}]},
+     "", False),
+    ("worker object value never matches", {**BASE, "custom": {"o": {"a": 1}}}, "comfyui", {"o": {"a": 1}}, "", False),
+    ("null worker value, negative", {**BASE, "custom": {"x": None}}, "comfyui",
+     {"negative_requirements": {"x": None}}, "", True),
+    ("null worker value, positive", {**BASE, "custom": {"x": None}}, "comfyui", {"x": 1}, "", False),
+    ("hex vram is no minimum", BASE, "comfyui", {"hardware": {"gpu_memory_gb": "0x30"}}, "", True),
+    ("exponent vram is no minimum", BASE, "comfyui", {"hardware": {"gpu_memory_gb": "1e3"}}, "", True),
+    ("decimal string vram with spaces", BASE, "comfyui", {"hardware": {"gpu_memory_gb": " 24.5 "}}, "", False),
+    ("model list with a number", BASE, "comfyui", {"models": [1]}, "", False),
 ]
 
 WORKFLOW = {**BASE, "workflow_id": "wf-1"}
