@@ -6,6 +6,7 @@ import asyncio
 import functools
 import json
 import logging
+import threading
 from typing import Any, NoReturn
 
 import pytest
@@ -27,6 +28,7 @@ from worker.hardware import (
     parse_fake_gpus,
 )
 from worker.keys import Keys
+from worker.queue import Queue, QueueConfig
 
 
 @pytest.mark.parametrize(("spec", "expected"), [
@@ -221,3 +223,52 @@ def test_the_fake_answers_the_same_calls_as_pynvml() -> None:
     for constant in ("NVML_TEMPERATURE_GPU", "NVML_MEMORY_ERROR_TYPE_UNCORRECTED", "NVML_VOLATILE_ECC"):
         assert getattr(pynvml, constant) == getattr(FakeNvml, constant)
     assert issubclass(pynvml.NVMLError, Exception)
+
+
+class _Hangs(FakeNvml):
+    """GPU 1's memory read blocks until released (a GPU fallen off the bus)."""
+
+    def __init__(self, gpus: list[tuple[float, str]]) -> None:
+        super().__init__(gpus)
+        self.hang = False
+        self.release = threading.Event()
+
+    def nvmlDeviceGetMemoryInfo(self, handle: int) -> Any:
+        if handle == 1 and self.hang:
+            self.release.wait(30)
+        return super().nvmlDeviceGetMemoryInfo(handle)
+
+
+async def test_a_hung_gpu_read_costs_no_other_slot_its_lease(redis_url: str, keys: Keys) -> None:
+    nvml = _Hangs(parse_fake_gpus("2x24GB"))
+    reader = GpuReader(nvml, "fake")
+    settings = fast_settings(redis_url, keys, lease_s=2.0, heartbeat_interval_s=0.5)
+    conn = connect(redis_url)
+    plugins = Plugins()
+    workers = [Worker(settings, conn, plugins.create_connectors(["simulation"], ConnectorConfig(f"s{i}", i)),
+                      worker_id=f"s{i}", hardware={"gpu_memory_gb": 24}, plugins=plugins,
+                      gpu=reader.read(i), gpu_probe=functools.partial(reader.read, i)) for i in (0, 1)]
+    tasks = [asyncio.create_task(w.run()) for w in workers]
+    client = Client(conn, keys)
+    try:
+        await wait_until(lambda: all(w.state.value == "idle" for w in workers), within_s=10)
+        nvml.hang = True
+        await wait_until(lambda: workers[1].gpu_problem != "", within_s=10)
+        job_id = await client.submit("simulation", {"duration_s": 5, "steps": 5})  # outlives 2 leases
+        reaper = Queue(conn, keys, QueueConfig(reap_period_ms=50))
+
+        async def completed_while_reaping() -> bool:  # a live peer reaps any lease s0 lets lapse
+            await reaper.heartbeat("peer", "idle", {}, 5, {})
+            return await _completed(client, job_id)
+
+        await wait_until(completed_while_reaping, within_s=20, interval=0.1)
+        job = await client.get(job_id)
+        assert job["worker_id"] == "s0" and job["attempt"] == "1" and job["retry_count"] == "0"
+    finally:
+        nvml.release.set()
+        for w in workers:
+            w.request_stop()
+            w.fast_stop.set()
+        await asyncio.wait_for(asyncio.gather(*tasks), 20)
+        await conn.aclose()
+        reader.close()
