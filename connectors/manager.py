@@ -41,7 +41,8 @@ class Plugins:
                 found[cls.name] = cls
         return found
 
-    def create_connectors(self, names: Sequence[str], config: ConnectorConfig) -> list[Connector]:
+    def classes_for(self, names: Sequence[str]) -> list[type[Connector]]:
+        """The connector classes `names` refer to; ConfigError for an unknown name."""
         classes = self.connector_classes()
         unknown = [n for n in names if n not in classes]
         if unknown:
@@ -49,7 +50,10 @@ class Plugins:
                 f"EMP_CONNECTORS={','.join(names)!r}: unknown connector {unknown[0]!r}; "
                 f"available: {', '.join(sorted(classes))}"
             )
-        return [classes[n](config) for n in names]
+        return [classes[n] for n in names]
+
+    def create_connectors(self, names: Sequence[str], config: ConnectorConfig) -> list[Connector]:
+        return [cls(config) for cls in self.classes_for(names)]
 
     def extra_capabilities(self, worker_id: str, capabilities: dict[str, Any]) -> dict[str, Any]:
         extra: dict[str, Any] = {}

@@ -18,6 +18,7 @@ from connectors.manager import Plugins
 from worker.agent import Worker
 from worker.client import Client, connect
 from worker.embedded import EmbeddedRedis
+from worker.hardware import Gpu
 from worker.keys import Keys
 from worker.settings import Settings, load_settings
 
@@ -78,11 +79,15 @@ async def start_worker(redis_url: str, keys: Keys) -> AsyncIterator[WorkerFactor
     async def factory(worker_id: str = "w1", connectors: str = "simulation", **overrides: Any) -> Worker:
         hardware = overrides.pop("hardware", None) or {"gpu_memory_gb": 24, "gpu_model": "fake",
                                                        "ram_gb": 64, "cpu_cores": 8}
+        gpu: Gpu | None = overrides.pop("gpu", None)  # with gpu_probe: a slot that re-reads its GPU
+        gpu_probe = overrides.pop("gpu_probe", None)
         settings = fast_settings(redis_url, keys, connectors=connectors, **overrides)
         plugins = Plugins()
-        instances = plugins.create_connectors(settings.connector_names, ConnectorConfig(worker_id))
+        config = ConnectorConfig(worker_id, gpu.index if gpu else None)
+        instances = plugins.create_connectors(settings.connector_names, config)
         conn = connect(redis_url)
-        worker = Worker(settings, conn, instances, worker_id=worker_id, hardware=hardware, plugins=plugins)
+        worker = Worker(settings, conn, instances, worker_id=worker_id, hardware=hardware, plugins=plugins,
+                        gpu=gpu, gpu_probe=gpu_probe)
         task = asyncio.create_task(worker.run())
         started.append((worker, task, conn))
         await wait_until(lambda: worker.state.value in ("idle", "busy"), within_s=10)

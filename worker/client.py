@@ -198,10 +198,10 @@ class Client:
             service, reqs, customer = meta.get("service", ""), meta.get("requirements", ""), meta.get("customer_id", "")
             if any(matches(caps, service, reqs, customer) for caps in workers.values()):
                 continue
-            head = await self.redis.zrange(self.keys.class_queue(class_id), 0, 0)
             pending = await self.redis.zcard(self.keys.class_queue(class_id))
             if not pending:
                 continue
+            head = await self.redis.zrange(self.keys.class_queue(class_id), 0, 0)
             offering = [w for w, caps in workers.items() if service in (caps.get("services") or [])]
             reason = (f"{len(offering)} live worker(s) run {service!r} but none meets the requirements"
                       if offering else f"no live worker runs {service!r}")

@@ -17,6 +17,8 @@ import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import redis.asyncio as aioredis
+
 from connectors.base import ConnectorConfig
 from connectors.manager import Plugins
 from worker.agent import Worker
@@ -95,32 +97,33 @@ async def run_daemon(settings: Settings, *, embedded: bool = False, gpu_index: i
     try:
         hardware = discover_with(reader, error)
         slots = plan_slots(settings, hardware, gpu_index)
-        await _run(settings, embedded, hardware, slots, reader if hardware.gpus else None)
+        await _run(settings, embedded, hardware, slots, reader)
     finally:
         if reader is not None:
             reader.close()
 
 
+def slot_worker(settings: Settings, client: aioredis.Redis, plugins: Plugins, hardware: Hardware,
+                reader: GpuReader | None, slot: Slot) -> Worker:
+    """The Worker of one slot: its connectors, its GPU's capability block and GPU re-reads."""
+    gpu = slot.gpu
+    config = ConnectorConfig(slot.worker_id, gpu.index if gpu else None, gpu_uuid=gpu.uuid if gpu else "")
+    return Worker(settings, client, plugins.create_connectors(settings.connector_names, config),
+                  worker_id=slot.worker_id, hardware=hardware_capabilities(hardware, gpu), plugins=plugins,
+                  gpu=gpu, gpu_probe=functools.partial(reader.read, gpu.index) if reader and gpu else None,
+                  host=hardware.host())
+
+
 async def _run(settings: Settings, embedded: bool, hardware: Hardware, slots: list[Slot],
                reader: GpuReader | None) -> None:
     plugins = Plugins()
-    connectors = [plugins.create_connectors(
-        settings.connector_names,
-        ConnectorConfig(s.worker_id, s.gpu.index if s.gpu else None, gpu_uuid=s.gpu.uuid if s.gpu else ""))
-        for s in slots]
+    plugins.classes_for(settings.connector_names)  # an unknown connector stops start-up before Redis
     with _redis_url(settings, embedded) as url:
         log.info("connecting to %s: %d slot(s): %s", redact_url(url), len(slots),
                  ", ".join(f"{s.worker_id} ({s.gpu.name}, {s.gpu.memory_total_gb:g} GB)" if s.gpu
                            else f"{s.worker_id} (CPU only)" for s in slots))
         client = connect(url)
         try:
-            workers = [
-                Worker(settings, client, slot_connectors, worker_id=slot.worker_id,
-                       hardware=hardware_capabilities(hardware, slot.gpu), plugins=plugins, gpu=slot.gpu,
-                       gpu_probe=functools.partial(reader.read, slot.index) if reader and slot.gpu else None,
-                       host=hardware.host())
-                for slot, slot_connectors in zip(slots, connectors, strict=True)
-            ]
-            await run_slots(workers)
+            await run_slots([slot_worker(settings, client, plugins, hardware, reader, slot) for slot in slots])
         finally:
             await client.aclose()

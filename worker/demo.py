@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import os
 import random
 import time
@@ -17,12 +16,12 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from connectors.base import ConnectorConfig
 from connectors.manager import Plugins
 from worker.agent import Worker
 from worker.client import Client, connect
+from worker.daemon import Slot, slot_worker
 from worker.embedded import EmbeddedRedis
-from worker.hardware import FakeNvml, GpuReader, discover_with, hardware_capabilities
+from worker.hardware import FakeNvml, GpuReader, discover_with
 from worker.keys import Keys
 from worker.protocol import parse_time
 from worker.settings import load_settings
@@ -58,13 +57,10 @@ async def _demo(url: str, prefix: str, jobs: int, workers: int, duration_s: floa
     reader = GpuReader(FakeNvml([(size, f"Fake GPU {size:g}GB") for size in sizes]), "fake")
     hardware = discover_with(reader)
     for gpu in hardware.gpus:
-        worker_id = f"gpu{gpu.index}-{gpu.memory_total_gb:g}gb"
         conn = connect(url)
         conns.append(conn)
-        connectors = plugins.create_connectors(["simulation"], ConnectorConfig(worker_id, gpu.index))
-        worker = Worker(settings, conn, connectors, worker_id=worker_id, plugins=plugins,
-                        hardware=hardware_capabilities(hardware, gpu), gpu=gpu,
-                        gpu_probe=functools.partial(reader.read, gpu.index), host=hardware.host())
+        slot = Slot(gpu.index, f"gpu{gpu.index}-{gpu.memory_total_gb:g}gb", gpu)
+        worker = slot_worker(settings, conn, plugins, hardware, reader, slot)
         running.append((worker, asyncio.create_task(worker.run())))
     client = Client(connect(url), Keys(prefix))
     rng = random.Random(7)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import json
 import logging
@@ -11,12 +10,9 @@ from typing import Any, NoReturn
 
 import pytest
 
-from connectors.base import ConnectorConfig
-from connectors.manager import Plugins
-from tests.conftest import fast_settings, wait_until
+from tests.conftest import WorkerFactory, wait_until
 from tests.worker.test_cli import _cli
-from worker.agent import Worker
-from worker.client import Client, connect
+from worker.client import Client
 from worker.errors import ConfigError
 from worker.hardware import (
     FakeNvml,
@@ -155,32 +151,27 @@ async def test_hardware_command_prints_json() -> None:
     assert code == 2 and "EMP_FAKE_GPUS='lots'" in err and len(err.strip().splitlines()) == 1
 
 
-async def test_an_unhealthy_gpu_stops_its_slot_claiming_until_it_recovers(redis_url: str, keys: Keys) -> None:
+async def test_an_unhealthy_gpu_stops_its_slot_claiming_until_it_recovers(
+    client: Client, keys: Keys, start_worker: WorkerFactory
+) -> None:
     nvml = _Switchable([(80.0, "x")])
     reader = GpuReader(nvml, "fake")
-    settings = fast_settings(redis_url, keys)
-    conn = connect(redis_url)
-    plugins = Plugins()
-    worker = Worker(settings, conn, plugins.create_connectors(["simulation"], ConnectorConfig("gpu-slot", 0)),
-                    worker_id="gpu-slot", hardware={"gpu_memory_gb": 80}, plugins=plugins,
-                    gpu=reader.read(0), gpu_probe=functools.partial(reader.read, 0))
-    task = asyncio.create_task(worker.run())
-    client = Client(conn, keys)
     try:
-        await wait_until(lambda: worker.state.value == "idle", within_s=10)
+        worker = await start_worker("gpu-slot", hardware={"gpu_memory_gb": 80}, gpu=reader.read(0),
+                                    gpu_probe=functools.partial(reader.read, 0))
         nvml.broken = True
         await wait_until(lambda: worker.gpu_problem != "", within_s=10)
         job_id = await client.submit("simulation", {"duration_s": 0})
 
         async def advertised_unhealthy() -> bool:
-            record = json.loads((await conn.hgetall(keys.worker("gpu-slot")))["capabilities"])
+            record = json.loads((await client.redis.hgetall(keys.worker("gpu-slot")))["capabilities"])
             return record["gpus"][0]["healthy"] is False
 
         await wait_until(advertised_unhealthy, within_s=10)
         beats: set[str] = set()
 
         async def two_more_beats() -> bool:  # the slot woke (job_submitted) and beat, yet did not claim
-            beats.add(await conn.hget(keys.worker("gpu-slot"), "last_heartbeat") or "")
+            beats.add(await client.redis.hget(keys.worker("gpu-slot"), "last_heartbeat") or "")
             return len(beats) >= 3
 
         await wait_until(two_more_beats, within_s=10)
@@ -188,10 +179,6 @@ async def test_an_unhealthy_gpu_stops_its_slot_claiming_until_it_recovers(redis_
         nvml.broken = False
         await wait_until(lambda: _completed(client, job_id), within_s=15)
     finally:
-        worker.request_stop()
-        worker.fast_stop.set()
-        await asyncio.wait_for(task, 20)
-        await conn.aclose()
         reader.close()
 
 
@@ -239,23 +226,19 @@ class _Hangs(FakeNvml):
         return super().nvmlDeviceGetMemoryInfo(handle)
 
 
-async def test_a_hung_gpu_read_costs_no_other_slot_its_lease(redis_url: str, keys: Keys) -> None:
+async def test_a_hung_gpu_read_costs_no_other_slot_its_lease(
+    client: Client, keys: Keys, start_worker: WorkerFactory
+) -> None:
     nvml = _Hangs(parse_fake_gpus("2x24GB"))
     reader = GpuReader(nvml, "fake")
-    settings = fast_settings(redis_url, keys, lease_s=2.0, heartbeat_interval_s=0.5)
-    conn = connect(redis_url)
-    plugins = Plugins()
-    workers = [Worker(settings, conn, plugins.create_connectors(["simulation"], ConnectorConfig(f"s{i}", i)),
-                      worker_id=f"s{i}", hardware={"gpu_memory_gb": 24}, plugins=plugins,
-                      gpu=reader.read(i), gpu_probe=functools.partial(reader.read, i)) for i in (0, 1)]
-    tasks = [asyncio.create_task(w.run()) for w in workers]
-    client = Client(conn, keys)
     try:
-        await wait_until(lambda: all(w.state.value == "idle" for w in workers), within_s=10)
+        slots = [await start_worker(f"s{i}", hardware={"gpu_memory_gb": 24}, gpu=reader.read(i),
+                                    gpu_probe=functools.partial(reader.read, i), lease_s=2.0)
+                 for i in (0, 1)]
         nvml.hang = True
-        await wait_until(lambda: workers[1].gpu_problem != "", within_s=10)
+        await wait_until(lambda: slots[1].gpu_problem != "", within_s=10)
         job_id = await client.submit("simulation", {"duration_s": 5, "steps": 5})  # outlives 2 leases
-        reaper = Queue(conn, keys, QueueConfig(reap_period_ms=50))
+        reaper = Queue(client.redis, keys, QueueConfig(reap_period_ms=50))
 
         async def completed_while_reaping() -> bool:  # a live peer reaps any lease s0 lets lapse
             await reaper.heartbeat("peer", "idle", {}, 5, {})
@@ -266,9 +249,4 @@ async def test_a_hung_gpu_read_costs_no_other_slot_its_lease(redis_url: str, key
         assert job["worker_id"] == "s0" and job["attempt"] == "1" and job["retry_count"] == "0"
     finally:
         nvml.release.set()
-        for w in workers:
-            w.request_stop()
-            w.fast_stop.set()
-        await asyncio.wait_for(asyncio.gather(*tasks), 20)
-        await conn.aclose()
         reader.close()
