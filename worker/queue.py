@@ -1,10 +1,15 @@
 """The Redis side of the job lifecycle: every call is one atomic script from worker/scripts.py.
 
+The fixed limits (QueueConfig's fields, and MAX_PER_BEAT as ``max_per_beat``) reach the scripts as
+one JSON options argument, encoded once per Queue; each script's header in worker/lua says which of
+them it reads.
+
 Foreign errors (redis-py's) are translated here into worker.errors at the boundary.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -84,6 +89,7 @@ class Queue:
         self.redis = client
         self.keys = keys
         self.config = config
+        self._options = json.dumps({**dataclasses.asdict(config), "max_per_beat": MAX_PER_BEAT})
         self._scripts: dict[str, AsyncScript] = {
             name: client.register_script(source) for name, source in scripts.ALL.items()
         }
@@ -109,13 +115,8 @@ class Queue:
     async def claim_or_defer(
         self, worker_id: str, capabilities: Mapping[str, Any], hint: str = ""
     ) -> Claimed | Deferred | None:
-        c = self.config
         try:
-            reply = await self._run(
-                "claim", worker_id, json.dumps(capabilities), c.lease_ms, hint,
-                c.stream_maxlen, c.stream_ttl_s, c.retention_s, c.retry_exclusion_ms,
-                c.reconcile_lock_ms, c.affinity_ms,
-            )
+            reply = await self._run("claim", worker_id, json.dumps(capabilities), hint, self._options)
         except ResponseError as exc:  # a script error is a bug or a foreign record; never silent
             raise RedisUnavailable(f"claim script failed: {exc}") from exc
         if not reply:
@@ -130,38 +131,28 @@ class Queue:
         await self._run("set_loaded", worker_id, json.dumps(models))
 
     async def progress(self, job_id: str, worker_id: str, attempt: int, update: ProgressUpdate) -> None:
-        c = self.config
         reply = await self._run(
             "progress", job_id, worker_id, attempt, update.progress, update.message,
-            _opt(update.current_step), _opt(update.total_steps), c.stream_maxlen, c.stream_ttl_s,
-            update.estimated_completion,
+            _opt(update.current_step), _opt(update.total_steps), update.estimated_completion, self._options,
         )
         self._fenced(reply, job_id)
 
     async def complete(self, job_id: str, worker_id: str, attempt: int, result: str) -> None:
-        c = self.config
-        reply = await self._run(
-            "complete", job_id, worker_id, attempt, result, c.retention_s, c.stream_maxlen
-        )
+        reply = await self._run("complete", job_id, worker_id, attempt, result, self._options)
         self._fenced(reply, job_id)
 
     async def fail(
         self, job_id: str, worker_id: str, attempt: int, error: str, *, retryable: bool, backoff_ms: int
     ) -> str:
         """Returns 'retry' when the job went back to the queue, 'failed' when it failed for good."""
-        c = self.config
         reply = await self._run(
-            "fail", job_id, worker_id, attempt, error, "1" if retryable else "0", backoff_ms,
-            c.retention_s, c.stream_maxlen,
+            "fail", job_id, worker_id, attempt, error, "1" if retryable else "0", backoff_ms, self._options
         )
         self._fenced(reply, job_id)
         return str(reply[1])
 
     async def hand_back(self, job_id: str, worker_id: str, attempt: int, reason: str) -> None:
-        c = self.config
-        reply = await self._run(
-            "hand_back", job_id, worker_id, attempt, reason, c.stream_maxlen, c.stream_ttl_s
-        )
+        reply = await self._run("hand_back", job_id, worker_id, attempt, reason, self._options)
         self._fenced(reply, job_id)
 
     async def heartbeat(
@@ -170,25 +161,23 @@ class Queue:
     ) -> Beat:
         """Refresh the worker, renew its leases (`running`: job id -> attempt), promote due
         retries and, when this worker holds the reaper lock, reap expired leases."""
-        c = self.config
         reply = await self._run(
-            "heartbeat", worker_id, heartbeat_ttl_s, c.lease_ms, status, json.dumps(dict(fields)),
-            MAX_PER_BEAT, json.dumps(dict(running)) if running else "{}", c.reap_period_ms,
-            c.retention_s, c.stream_maxlen, json.dumps(loaded) if loaded is not None else "",
+            "heartbeat", worker_id, heartbeat_ttl_s, status, json.dumps(dict(fields)),
+            json.dumps(dict(running)) if running else "{}", json.dumps(loaded) if loaded is not None else "",
+            self._options,
         )
         lost = [j for j in str(reply[2]).split(",") if j]
         return Beat(int(reply[0]), int(reply[1]), lost, int(reply[3]))
 
     async def reconcile(self) -> tuple[int, int]:
-        c = self.config
-        reply = await self._run("reconcile", c.reconcile_lock_ms, c.retention_s, c.stream_maxlen)
+        reply = await self._run("reconcile", self._options)
         if int(reply[0]) < 0:
             return (0, 0)
         return (int(reply[0]), int(reply[1]))
 
     async def cancel(self, job_id: str, reason: str) -> tuple[str, str]:
         """Cancel a job; returns (previous status, holder). InvalidJob if it cannot be cancelled."""
-        reply = await self._run("cancel", job_id, reason, self.config.retention_s, self.config.stream_maxlen)
+        reply = await self._run("cancel", job_id, reason, self._options)
         if not reply[0]:
             raise InvalidJob(str(reply[1]))
         return str(reply[1]), str(reply[2])

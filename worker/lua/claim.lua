@@ -1,0 +1,190 @@
+-- requires: clock common index final_fail reconcile match
+-- Claim the best job this worker can run.
+-- KEYS: none (every key is the prefix in ARGV[1] plus a name from worker/keys.py).
+-- ARGV: 1 prefix, 2 worker id, 3 capabilities JSON (see worker/matching.py),
+--       4 hint job id ('' for none: a job_submitted id to index first),
+--       5 options JSON (QueueConfig's fields): lease_ms, stream_maxlen, stream_ttl_s,
+--         retention_s (for jobs failed here as invalid), retry_exclusion_ms (skip jobs this
+--         worker failed that recently), reconcile_lock_ms, affinity_ms (model affinity window,
+--         0: off).
+-- Returns {} when nothing matches, {-1, ms} when a job was left to a worker that has its models
+-- loaded (claim again after ms), else {attempt, field, value, field, value, ...} of the job.
+
+local worker = ARGV[2]
+local caps = cjson.decode(ARGV[3])
+local opts = cjson.decode(ARGV[5])
+local lease_ms = tonumber(opts['lease_ms'])
+local maxlen, ttl, retention = tonumber(opts['stream_maxlen']), tonumber(opts['stream_ttl_s']),
+  tonumber(opts['retention_s'])
+local exclude_ms = tonumber(opts['retry_exclusion_ms'])
+local now = now_ms()
+
+if ARGV[4] ~= '' then index_or_fail(ARGV[4], worker, retention, maxlen) end
+reconcile(tonumber(opts['reconcile_lock_ms']), retention, maxlen)
+
+local affinity_ms = tonumber(opts['affinity_ms'])
+local MAX_AFFINITY_MODELS = 16
+local only_workflow = type(caps['workflow_id']) == 'string' and caps['workflow_id'] or ''
+local loaded = {}
+if type(caps['loaded']) == 'table' then
+  for _, m in ipairs(caps['loaded']) do loaded[m] = true end
+end
+local function id_of(member) return string.match(member, '^[^:]*:[^:]*:(.*)$') end
+
+-- The models a class's jobs ask for (positive requirements), as strings.
+local function wanted_models(meta)
+  local req = decode(meta['requirements'])
+  if type(req) ~= 'table' then return {} end
+  local pos = req
+  if req['positive_requirements'] ~= nil or req['negative_requirements'] ~= nil then
+    pos = req['positive_requirements']
+  end
+  local out, seen = {}, {}
+  if type(pos) == 'table' and type(pos['models']) == 'table' then
+    for _, m in ipairs(pos['models']) do
+      if type(m) == 'string' and not seen[m] then
+        seen[m] = true
+        out[#out + 1] = m
+      end
+    end
+  end
+  if #out > MAX_AFFINITY_MODELS then return {} end  -- untrusted: bound the work affinity does
+  return out
+end
+
+local function all_loaded_here(models)
+  if #models == 0 then return false end
+  for _, m in ipairs(models) do
+    if not loaded[m] then return false end
+  end
+  return true
+end
+
+-- Is another live worker with a free slot, able to run this class, holding all its models?
+-- (A sample of at most 32 holders of the first model is looked at.)
+local function idle_holder_elsewhere(models, meta)
+  for _, w in ipairs(redis.call('SRANDMEMBER', K('@LOADED@' .. models[1]), 32)) do
+    local holds = w ~= worker
+    for i = 2, #models do
+      if holds and redis.call('SISMEMBER', K('@LOADED@' .. models[i]), w) == 0 then holds = false end
+    end
+    if holds and redis.call('EXISTS', K('@WORKER@' .. w .. '@HEARTBEAT_SUFFIX@')) == 1 then
+      local f = redis.call('HMGET', K('@WORKER@' .. w), 'status', 'max_concurrent_jobs', 'emp_caps')
+      if f[1] ~= 'draining' and f[1] ~= 'offline'
+        and redis.call('HLEN', K('@ACTIVE@' .. w)) < (tonumber(f[2]) or 1) then
+        local other = decode(f[3])
+        if type(other) == 'table' and matches(other, meta) then return true end
+      end
+    end
+  end
+  return false
+end
+
+-- Check one queued entry: drop it when stale; nil when this worker must leave it alone.
+local function usable(id, class, member)
+  local f = redis.call('HMGET', K('@JOB@' .. id), 'last_failed_worker', 'emp_last_failed_ms', 'status',
+    'emp_indexed_ms')
+  if f[3] ~= 'pending' or not redis.call('ZSCORE', K('@PENDING@'), id) then
+    unindex_job(id, class, member)  -- cancelled or taken elsewhere: drop the stale entry
+    return nil
+  end
+  if f[1] == worker and now - (tonumber(f[2]) or 0) < exclude_ms then
+    return nil  -- this worker failed it moments ago: leave it to another worker for a while
+  end
+  return tonumber(f[4]) or 0
+end
+
+local candidates = {}
+local function consider(class, member, score, meta, indexed)
+  local models = wanted_models(meta)
+  candidates[#candidates + 1] = { class = class, member = member, score = score, meta = meta,
+    models = models, affine = all_loaded_here(models), indexed = indexed }
+end
+
+if only_workflow ~= '' then
+  -- A worker restricted to one workflow looks only at that workflow's jobs.
+  -- (a workflow's pending jobs are few; the window bounds the work for a huge one)
+  local wq = K('@WF_QUEUE@' .. only_workflow)
+  local entries = redis.call('ZRANGE', wq, 0, 999, 'WITHSCORES')
+  local seen_class = {}
+  for h = 1, #entries, 2 do
+    local member, score = entries[h], tonumber(entries[h + 1])
+    local id = id_of(member)
+    local class = redis.call('HGET', K('@JOB@' .. id), 'emp_class')
+    local meta = decode(class and redis.call('HGET', K('@CLASSES@'), class) or '')
+    if type(meta) ~= 'table' then
+      redis.call('ZREM', wq, member)  -- its job is gone
+    elseif not seen_class[class] then
+      local indexed = usable(id, class, member)  -- drops it when stale
+      if indexed then
+        meta['workflow_id'] = only_workflow
+        if matches(caps, meta) then consider(class, member, score, meta, indexed) end
+        seen_class[class] = true  -- the first usable entry of a class is its best
+      end
+    end
+  end
+else
+  -- The first usable head of each class queue this worker matches.
+  local classes = redis.call('HGETALL', K('@CLASSES@'))
+  for i = 1, #classes, 2 do
+    local class, meta = classes[i], cjson.decode(classes[i + 1])
+    local qk = K('@CLASS_QUEUE@' .. class)
+    if matches(caps, meta) then
+      local heads = redis.call('ZRANGE', qk, 0, 7, 'WITHSCORES')
+      if #heads == 0 then redis.call('HDEL', K('@CLASSES@'), class) end
+      for h = 1, #heads, 2 do
+        local member, score = heads[h], tonumber(heads[h + 1])
+        local indexed = usable(id_of(member), class, member)
+        if indexed then
+          consider(class, member, score, meta, indexed)
+          break
+        end
+      end
+    elseif redis.call('EXISTS', qk) == 0 then
+      redis.call('HDEL', K('@CLASSES@'), class)
+    end
+  end
+end
+
+-- Best first: priority, then (model affinity) jobs whose models are loaded here, then FIFO.
+table.sort(candidates, function(a, b)
+  if a.score ~= b.score then return a.score < b.score end
+  if a.affine ~= b.affine then return a.affine end
+  return a.member < b.member
+end)
+-- A fresh job whose models another idle worker has loaded is left to that worker for a moment.
+local chosen, wait_ms = nil, nil
+for _, c in ipairs(candidates) do
+  local age = now - c.indexed
+  if affinity_ms > 0 and not c.affine and #c.models > 0 and age < affinity_ms
+    and idle_holder_elsewhere(c.models, c.meta) then
+    wait_ms = math.min(wait_ms or affinity_ms, affinity_ms - age)
+  else
+    chosen = c
+    break
+  end
+end
+if not chosen then
+  if wait_ms then return { -1, wait_ms } end
+  return {}
+end
+
+local class, member = chosen.class, chosen.member
+local id = id_of(member)
+local jk = K('@JOB@' .. id)
+unindex_job(id, class, member)
+redis.call('ZREM', K('@PENDING@'), id)
+local attempt = redis.call('HINCRBY', jk, 'attempt', 1)
+local at = iso(now)
+redis.call('HSET', jk, 'status', 'assigned', 'worker_id', worker, 'assigned_at', at,
+  'emp_claimed_us', now_us(), 'emp_lease_until', tostring(now + lease_ms))
+redis.call('ZADD', K('@LEASES@'), now + lease_ms, id)
+local j = hgetall(jk)
+redis.call('HSET', K('@ACTIVE@' .. worker), id, cjson.encode(j))
+redis.call('HSET', K('@WORKER@' .. worker), 'status', 'busy', 'current_job_id', id)
+stream_event(id, 'claimed', { worker_id = worker, attempt = attempt }, maxlen, ttl)
+publish('@CH_JOB_CLAIMED@', { job_id = id, worker_id = worker, status = 'claimed',
+  claimed_at = at, timestamp = now, attempt = attempt })
+local out = { attempt }
+for f, v in pairs(j) do out[#out + 1] = f; out[#out + 1] = v end
+return out

@@ -1,0 +1,42 @@
+-- requires: clock common fence
+-- Complete a held job, exactly once.
+-- KEYS: none (every key is the prefix in ARGV[1] plus a name from worker/keys.py).
+-- ARGV: 1 prefix, 2 job id, 3 worker id, 4 attempt, 5 result JSON,
+--       6 options JSON: retention_s, stream_maxlen.
+-- Returns {1} or {0, reason}.
+
+local id, worker, attempt = ARGV[2], ARGV[3], ARGV[4]
+local jk = K('@JOB@' .. id)
+local stale = fence(jk, worker, attempt)
+if stale then return {0, stale} end
+local opts = cjson.decode(ARGV[6])
+local retention, maxlen = tonumber(opts['retention_s']), tonumber(opts['stream_maxlen'])
+local ms = now_ms()
+local at = iso(ms)
+local j = hgetall(jk)
+local started = to_ms(j['started_at']) or to_ms(j['assigned_at']) or ms
+redis.call('HSET', jk, 'status', 'completed', 'completed_at', at,
+  'processing_time', tostring(ms - started), 'result', ARGV[5])
+redis.call('HDEL', K('@ACTIVE@' .. worker), id)
+redis.call('ZREM', K('@LEASES@'), id)
+local result = decode(ARGV[5])
+if result == nil then result = ARGV[5] end
+redis.call('HSET', K('@COMPLETED@'), id, cjson.encode({ success = true, data = result,
+  completed_at = at }))
+redis.call('EXPIRE', K('@COMPLETED@'), retention)  -- as their worker does: the hash lives on while written
+local wk = K('@WORKER@' .. worker)
+redis.call('HINCRBY', wk, 'total_jobs_completed', 1)
+redis.call('HSET', wk, 'status', 'idle', 'current_job_id', '')
+redis.call('HSET', K('@JOB@' .. id .. '@PROGRESS_HASH_SUFFIX@'), 'progress', '100',
+  'status', 'completed', 'message', 'completed', 'updated_at', at)
+redis.call('EXPIRE', jk, retention)
+redis.call('EXPIRE', K('@JOB@' .. id .. '@PROGRESS_HASH_SUFFIX@'), retention)
+stream_event(id, 'completed', { worker_id = worker, attempt = tonumber(attempt) }, maxlen, retention)
+local event = { job_id = id, worker_id = worker, progress = 100, status = 'completed',
+  message = 'Job completed successfully', result = result, timestamp = ms }
+for _, f in ipairs({ 'workflow_id', 'current_step', 'total_steps', 'workflow_priority',
+  'workflow_datetime' }) do
+  if j[f] and j[f] ~= '' then event[f] = tonumber(j[f]) or j[f] end
+end
+publish('@CH_COMPLETE@', event)
+return {1}

@@ -1,0 +1,89 @@
+-- requires: clock common loaded index final_fail requeue
+-- Heartbeat, one command per beat:
+--  * refresh the worker record, its heartbeat key and workers:active;
+--  * renew the leases of the jobs this worker runs (holder and attempt checked); report the ones
+--    it no longer holds (reaped, cancelled, taken over) so it stops them;
+--  * promote delayed retries that are due;
+--  * once per reap period fleet-wide (a lock), reap: put jobs whose lease expired back in the
+--    queue at their original place (spending an attempt), or fail them when none are left, and
+--    mark workers whose heartbeat key is gone offline.
+-- KEYS: none (every key is the prefix in ARGV[1] plus a name from worker/keys.py).
+-- ARGV: 1 prefix, 2 worker id, 3 heartbeat ttl s, 4 status, 5 JSON object of worker fields to
+--       set, 6 JSON object {job id: attempt} of the jobs this worker runs, 7 JSON list of the
+--       models the worker has loaded ('' to leave them as they are),
+--       8 options JSON: lease_ms, max_per_beat (jobs to promote/reap per beat at most),
+--         reap_period_ms, retention_s, stream_maxlen.
+-- Returns {leases renewed, jobs promoted, lost job ids (comma list), jobs reaped}.
+
+local worker = ARGV[2]
+local ms = now_ms()
+local at = iso(ms)
+local opts = cjson.decode(ARGV[8])
+local limit, retention, maxlen = tonumber(opts['max_per_beat']), tonumber(opts['retention_s']),
+  tonumber(opts['stream_maxlen'])
+local wk = K('@WORKER@' .. worker)
+redis.call('SET', K('@WORKER@' .. worker .. '@HEARTBEAT_SUFFIX@'), at, 'EX', tonumber(ARGV[3]))
+redis.call('SADD', K('@WORKERS_ACTIVE@'), worker)
+for f, v in pairs(cjson.decode(ARGV[5])) do redis.call('HSET', wk, f, tostring(v)) end
+redis.call('HSET', wk, 'worker_id', worker, 'status', ARGV[4], 'last_heartbeat', at)
+redis.call('HSETNX', wk, 'connected_at', at)
+if ARGV[7] ~= '' then set_loaded(worker, cjson.decode(ARGV[7])) end
+
+local renewed, lost = 0, {}
+for id, attempt in pairs(cjson.decode(ARGV[6])) do
+  local f = redis.call('HMGET', K('@JOB@' .. id), 'worker_id', 'status', 'attempt')
+  if f[1] == worker and (f[2] == 'assigned' or f[2] == 'in_progress') and f[3] == tostring(attempt) then
+    redis.call('ZADD', K('@LEASES@'), ms + tonumber(opts['lease_ms']), id)
+    renewed = renewed + 1
+  else
+    lost[#lost + 1] = id
+  end
+end
+
+local promoted = 0
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', K('@DELAYED@'), '-inf', ms, 'LIMIT', 0, limit)) do
+  redis.call('ZREM', K('@DELAYED@'), id)
+  local f = redis.call('HMGET', K('@JOB@' .. id), 'status', 'emp_pending_score')
+  if f[1] == 'pending' then
+    make_pending(id, f[2])
+    publish('@CH_JOB_SUBMITTED@', { job_id = id, retry = true, timestamp = ms })
+    promoted = promoted + 1
+  end
+end
+
+local reaped = 0
+if redis.call('SET', K('@REAPER_LOCK@'), worker, 'NX', 'PX', tonumber(opts['reap_period_ms'])) then
+  for _, id in ipairs(redis.call('ZRANGEBYSCORE', K('@LEASES@'), '-inf', ms, 'LIMIT', 0, limit)) do
+    redis.call('ZREM', K('@LEASES@'), id)
+    local j = hgetall(K('@JOB@' .. id))
+    if j['status'] == 'assigned' or j['status'] == 'in_progress' then
+      local holder = j['worker_id'] or ''
+      if holder ~= '' then
+        redis.call('HDEL', K('@ACTIVE@' .. holder), id)
+        redis.call('HSET', K('@WORKER@' .. holder), 'current_job_id', '')
+      end
+      local count = (tonumber(j['retry_count']) or 0) + 1
+      local err = 'lease expired: worker ' .. holder .. ' stopped renewing it'
+      if count <= (tonumber(j['max_retries']) or 3) then
+        redis.call('HSET', K('@JOB@' .. id), 'retry_count', tostring(count), 'error', err,
+          'last_failed_worker', holder, 'emp_last_failed_ms', tostring(ms))
+        requeue(id, j, 0)
+        stream_event(id, 'requeued', { reason = err, retry_count = count }, maxlen, retention)
+        publish('@CH_JOB_SUBMITTED@', { job_id = id, service_required = j['service_required'],
+          retry = true, timestamp = ms })
+      else
+        final_fail(id, j, holder, err, count, retention, maxlen)
+      end
+      reaped = reaped + 1
+    end
+  end
+  for _, w in ipairs(redis.call('SMEMBERS', K('@WORKERS_ACTIVE@'))) do
+    if redis.call('EXISTS', K('@WORKER@' .. w .. '@HEARTBEAT_SUFFIX@')) == 0 then
+      redis.call('SREM', K('@WORKERS_ACTIVE@'), w)
+      set_loaded(w, {})
+      redis.call('HSET', K('@WORKER@' .. w), 'status', 'offline', 'current_job_id', '')
+      redis.call('EXPIRE', K('@WORKER@' .. w), retention)
+    end
+  end
+end
+return {renewed, promoted, table.concat(lost, ','), reaped}

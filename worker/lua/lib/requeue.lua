@@ -1,0 +1,14 @@
+-- requires: common index
+-- Put a job back in the queue at its original place (or in the delayed set until due_ms).
+-- provides: requeue
+
+local function requeue(id, j, due_ms)
+  local jk = K('@JOB@' .. id)
+  redis.call('HSET', jk, 'status', 'pending', 'worker_id', '')
+  redis.call('ZREM', K('@LEASES@'), id)
+  if due_ms > 0 then
+    redis.call('ZADD', K('@DELAYED@'), due_ms, id)
+  else
+    make_pending(id, j['emp_pending_score'])
+  end
+end
