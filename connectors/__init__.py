@@ -1,6 +1,9 @@
-"""Connector plugins. Plugin authors need only this module::
+"""Connector plugins: this package is the whole public API a plugin author needs::
 
-    from connectors import Connector, JobContext, hookimpl
+    from connectors import Connector, Job, JobContext, JobResult, PermanentJobError, hookimpl
+
+Everything a connector touches is re-exported here (a test keeps ``__all__`` exact, and another
+checks the README's example imports nothing else); ``connectors.testing`` is the test kit.
 """
 
 from connectors.base import (
@@ -11,16 +14,33 @@ from connectors.base import (
     JobCancelled,
     JobContext,
     JobResult,
+    Outcome,
+    Output,
+    StopReason,
 )
 from connectors.hookspecs import hookimpl
+from connectors.settings import ConnectorSettings, EngineSettings, slot_url
+from worker.errors import ConfigError, JobError, PermanentJobError, RetryableJobError
+from worker.protocol import Job
 
 __all__ = [
+    "ConfigError",
     "Connector",
     "ConnectorConfig",
+    "ConnectorSettings",
+    "EngineSettings",
     "Health",
     "HealthState",
+    "Job",
     "JobCancelled",
     "JobContext",
+    "JobError",
     "JobResult",
+    "Outcome",
+    "Output",
+    "PermanentJobError",
+    "RetryableJobError",
+    "StopReason",
     "hookimpl",
+    "slot_url",
 ]

@@ -1,17 +1,31 @@
-"""The plugin manager and the typed facade the daemon uses instead of ``pm.hook``."""
+"""The plugin manager and the typed facade the daemon uses instead of ``pm.hook``.
+
+Every hook call is guarded per plugin: a plugin whose hook raises has that contribution skipped
+with one ERROR line naming it (and remembered in ``problems`` for the worker record), while the
+other plugins' contributions still count.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import logging
+import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import pluggy
 
 from connectors import hookspecs, simulation
-from connectors.base import Connector, ConnectorConfig
-from worker.errors import ConfigError, ConnectorError
+from connectors.base import Connector, ConnectorConfig, Outcome
+from connectors.settings import ConnectorSettings
+from worker import __version__
+from worker.errors import ConfigError
+
+log = logging.getLogger("emp.plugins")
 
 BUILTINS: tuple[object, ...] = (simulation,)
+SLOW_HOOK_S = 0.1
 
 
 def get_plugin_manager(*, load_entry_points: bool = True) -> pluggy.PluginManager:
@@ -26,43 +40,143 @@ def get_plugin_manager(*, load_entry_points: bool = True) -> pluggy.PluginManage
     return pm
 
 
+@dataclass(frozen=True)
+class ConnectorInfo:
+    """One installed connector: what ``emp-worker plugins`` lists."""
+
+    name: str
+    services: tuple[str, ...]
+    plugin: str
+    package: str
+    version: str
+    cls: type[Connector]
+
+
 class Plugins:
-    """Typed access to the hooks."""
+    """Typed, guarded access to the hooks."""
 
     def __init__(self, pm: pluggy.PluginManager | None = None) -> None:
         self.pm = pm or get_plugin_manager()
+        #: "plugin: hook failed: ..." for each hook whose last call failed
+        self.problems: dict[str, str] = {}
+        self._settings: dict[type[Connector], ConnectorSettings] = {}
 
-    def connector_classes(self) -> dict[str, type[Connector]]:
-        found: dict[str, type[Connector]] = {}
-        for batch in self.pm.hook.emp_connectors():
-            for cls in batch:
-                if not (isinstance(cls, type) and issubclass(cls, Connector)):
-                    raise ConnectorError(f"plugin returned {cls!r}, which is not a Connector class")
-                found[cls.name] = cls
+    # --- guarded calls -------------------------------------------------------------------------
+
+    def _call_each(self, hook_name: str, **kwargs: Any) -> list[tuple[str, Any]]:
+        """Call every implementation of a hook; a raising one is logged, recorded and skipped."""
+        results: list[tuple[str, Any]] = []
+        caller = getattr(self.pm.hook, hook_name)
+        for impl in reversed(caller.get_hookimpls()):  # pluggy's order: last registered first
+            key = f"{impl.plugin_name}.{hook_name}"
+            started = time.monotonic()
+            try:
+                result = impl.function(*[kwargs[name] for name in impl.argnames])
+            except Exception as exc:
+                message = f"plugin {impl.plugin_name}: {hook_name} failed: {type(exc).__name__}: {str(exc)[:300]}"
+                if self.problems.get(key) != message:
+                    log.error("%s; its contribution is skipped", message)
+                self.problems[key] = message
+                continue
+            self.problems.pop(key, None)
+            took = time.monotonic() - started
+            if took > SLOW_HOOK_S:
+                log.warning("plugin %s: %s took %.2fs; hooks must not block", impl.plugin_name, hook_name, took)
+            results.append((impl.plugin_name, result))
+        return results
+
+    def _dists(self) -> dict[int, tuple[str, str]]:
+        found = {id(plugin): (dist.project_name, dist.version) for plugin, dist in self.pm.list_plugin_distinfo()}
+        for plugin in BUILTINS:
+            found[id(plugin)] = ("emp-worker (built-in)", __version__)
         return found
 
+    # --- connectors ----------------------------------------------------------------------------
+
+    def installed(self) -> list[ConnectorInfo]:
+        """Every connector class the plugins provide (duplicates included), in name order."""
+        dists = self._dists()
+        plugin_objects = dict(self.pm.list_name_plugin())
+        infos: list[ConnectorInfo] = []
+        for plugin_name, batch in self._call_each("emp_connectors"):
+            package, version = dists.get(id(plugin_objects.get(plugin_name)), (plugin_name, "?"))
+            for cls in batch or ():
+                _check_class(cls, plugin_name)
+                infos.append(ConnectorInfo(cls.name, tuple(cls.service_types), plugin_name, package, version, cls))
+        return sorted(infos, key=lambda i: (i.name, i.plugin))
+
+    def connector_classes(self) -> dict[str, type[Connector]]:
+        return {info.name: info.cls for info in self.installed()}
+
     def classes_for(self, names: Sequence[str]) -> list[type[Connector]]:
-        """The connector classes `names` refer to; ConfigError for an unknown name."""
-        classes = self.connector_classes()
-        unknown = [n for n in names if n not in classes]
+        """The connector classes `names` refer to, their settings loaded; ConfigError for an
+        unknown or doubly provided name, or a service two of them run."""
+        by_name: dict[str, list[ConnectorInfo]] = {}
+        for info in self.installed():
+            if not any(i.cls is info.cls for i in by_name.get(info.name, [])):
+                by_name.setdefault(info.name, []).append(info)
+        selected = ",".join(names)
+        unknown = [n for n in names if n not in by_name]
         if unknown:
-            raise ConfigError(
-                f"EMP_CONNECTORS={','.join(names)!r}: unknown connector {unknown[0]!r}; "
-                f"available: {', '.join(sorted(classes))}"
-            )
-        return [classes[n] for n in names]
+            raise ConfigError(f"EMP_CONNECTORS={selected!r}: unknown connector {unknown[0]!r}; "
+                              f"available: {', '.join(sorted(by_name))}")
+        owner: dict[str, str] = {}
+        for name in names:
+            infos = by_name[name]
+            if len(infos) > 1:
+                where = " and ".join(f"{i.plugin} ({i.package})" for i in infos)
+                raise ConfigError(f"EMP_CONNECTORS={selected!r}: connector {name!r} is provided twice, by {where}; "
+                                  "uninstall one of them")
+            for service in infos[0].services:
+                if service in owner and owner[service] != name:
+                    raise ConfigError(f"EMP_CONNECTORS={selected!r}: connectors {owner[service]!r} and {name!r} "
+                                      f"both run service {service!r}; a service needs exactly one connector")
+                owner[service] = name
+        classes = [by_name[n][0].cls for n in names]
+        for cls in classes:
+            if cls not in self._settings:
+                self._settings[cls] = cls.load_settings()  # a bad EMP_<NAME>_* stops start-up here
+        return classes
 
     def create_connectors(self, names: Sequence[str], config: ConnectorConfig) -> list[Connector]:
-        return [cls(config) for cls in self.classes_for(names)]
+        """One instance of each named connector for one slot (ConfigError if one cannot be made)."""
+        instances: list[Connector] = []
+        for cls in self.classes_for(names):
+            try:
+                instances.append(cls(dataclasses.replace(config, settings=self._settings[cls])))
+            except Exception as exc:
+                raise ConfigError(f"connector {cls.name!r} could not be created: {type(exc).__name__}: "
+                                  f"{str(exc)[:300]}") from exc
+        return instances
+
+    # --- other hooks ---------------------------------------------------------------------------
 
     def extra_capabilities(self, worker_id: str, capabilities: dict[str, Any]) -> dict[str, Any]:
         extra: dict[str, Any] = {}
-        for part in self.pm.hook.emp_capabilities(worker_id=worker_id, capabilities=capabilities):
-            if part:
+        for plugin_name, part in self._call_each("emp_capabilities", worker_id=worker_id,
+                                                 capabilities=dict(capabilities)):
+            if isinstance(part, dict):
                 extra.update(part)
+            elif part is not None:
+                log.error("plugin %s: emp_capabilities returned %s, not a dict; skipped",
+                          plugin_name, type(part).__name__)
         return extra
 
-    def job_finished(self, job_id: str, service: str, outcome: str, duration_s: float) -> None:
-        self.pm.hook.emp_job_finished(
-            job_id=job_id, service=service, outcome=outcome, duration_s=duration_s
-        )
+    def job_finished(self, job_id: str, service: str, outcome: Outcome, duration_s: float) -> None:
+        self._call_each("emp_job_finished", job_id=job_id, service=service, outcome=outcome.value,
+                        duration_s=duration_s)
+
+
+def _check_class(cls: Any, plugin: str) -> None:
+    """A class a plugin returned from emp_connectors must be a usable Connector subclass."""
+    if not (isinstance(cls, type) and issubclass(cls, Connector)):
+        raise ConfigError(f"plugin {plugin}: emp_connectors returned {cls!r}, which is not a Connector class")
+    name = getattr(cls, "name", None)
+    services = getattr(cls, "service_types", None)
+    if not isinstance(name, str) or not name or "," in name:
+        raise ConfigError(f"plugin {plugin}: {cls.__name__}.name must be a non-empty string without commas")
+    if not isinstance(services, tuple | list) or not services or not all(isinstance(s, str) and s for s in services):
+        raise ConfigError(f"plugin {plugin}: {cls.__name__}.service_types must be a non-empty tuple of strings")
+    limit = cls.max_concurrent_jobs
+    if limit is not None and (not isinstance(limit, int) or limit < 1):
+        raise ConfigError(f"plugin {plugin}: {cls.__name__}.max_concurrent_jobs must be None or at least 1")

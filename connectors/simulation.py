@@ -20,10 +20,10 @@ from collections.abc import Sequence
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from connectors.base import Connector, ConnectorConfig, JobContext, JobResult
 from connectors.hookspecs import hookimpl
+from connectors.settings import ConnectorSettings
 from worker.errors import PermanentJobError, RetryableJobError
 from worker.matching import required_models
 from worker.protocol import Job
@@ -33,8 +33,8 @@ MAX_STEPS = 10_000
 MAX_OUTPUT_BYTES = 16 * 1024 * 1024
 
 
-class SimulationDefaults(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="EMP_SIM_", extra="ignore", frozen=True, env_ignore_empty=True)
+class SimulationSettings(ConnectorSettings):
+    """EMP_SIM_*: the defaults a job's payload may override."""
 
     duration_s: float = Field(2.0, ge=0, le=MAX_DURATION_S)
     steps: int = Field(10, ge=1, le=MAX_STEPS)
@@ -65,10 +65,13 @@ def _output(rng: random.Random, size: int) -> str:
 class SimulationConnector(Connector):
     name = "simulation"
     service_types = ("simulation",)
+    settings_class = SimulationSettings
+    settings_prefix = "EMP_SIM_"
+    settings: SimulationSettings
 
     def __init__(self, config: ConnectorConfig) -> None:
         super().__init__(config)
-        self.defaults = SimulationDefaults()
+        self.defaults = self.settings
         self.available = [m.strip() for m in self.defaults.models.split(",") if m.strip()]
         self.loaded: list[str] = []  # least recently used first
 

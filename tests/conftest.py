@@ -81,8 +81,11 @@ async def start_worker(redis_url: str, keys: Keys) -> AsyncIterator[WorkerFactor
                                                        "ram_gb": 64, "cpu_cores": 8}
         gpu: Gpu | None = overrides.pop("gpu", None)  # with gpu_probe: a slot that re-reads its GPU
         gpu_probe = overrides.pop("gpu_probe", None)
+        extra_plugins: list[object] = overrides.pop("plugins", [])  # plugin objects to register too
         settings = fast_settings(redis_url, keys, connectors=connectors, **overrides)
         plugins = Plugins()
+        for plugin in extra_plugins:
+            plugins.pm.register(plugin)
         config = ConnectorConfig(worker_id, gpu.index if gpu else None)
         instances = plugins.create_connectors(settings.connector_names, config)
         conn = connect(redis_url)

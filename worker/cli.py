@@ -181,11 +181,11 @@ def status(
         queue.add_row(service, str(count))
     out.print(queue)
     table = Table(title="Workers")
-    for column in ("worker", "status", "alive", "job", "services", "done", "failed"):
+    for column in ("worker", "status", "alive", "job", "services", "done", "failed", "problems"):
         table.add_column(column)
     for w in workers:
         table.add_row(w.worker_id, w.status, "yes" if w.alive else "no", w.current_job_id,
-                      ",".join(w.services), str(w.completed), str(w.failed))
+                      ",".join(w.services), str(w.completed), str(w.failed), "; ".join(w.problems) or "-")
     out.print(table)
     if stuck:
         warn = Table(title="[red]Pending jobs no live worker can run[/red]")
@@ -255,6 +255,28 @@ def hardware(
 
 def _maybe(value: float | None) -> str:
     return "-" if value is None else f"{value:g}"
+
+
+@app.command()
+def plugins(
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output"),
+) -> None:
+    """The connectors installed: name, services, plugin, package and version."""
+    from connectors.manager import Plugins
+
+    with _clean_errors():
+        found = Plugins().installed()
+    rows = [{"name": i.name, "services": list(i.services), "plugin": i.plugin, "package": i.package,
+             "version": i.version} for i in found]
+    if as_json or not out.is_terminal:
+        out.print_json(json.dumps(rows))
+        return
+    table = Table(title="Installed connectors")
+    for column in ("name", "services", "plugin", "package", "version"):
+        table.add_column(column)
+    for i in found:
+        table.add_row(i.name, ",".join(i.services), i.plugin, i.package, i.version)
+    out.print(table)
 
 
 @app.command()

@@ -52,6 +52,15 @@ class WorkerInfo:
     services: list[str]
     completed: int
     failed: int
+    problems: list[str]  # why it claims less than it could: connectors down, a bad GPU, failing hooks
+
+
+def _json_list(raw: str | None) -> list[str]:
+    try:
+        value = json.loads(raw or "[]")
+    except ValueError:
+        return []
+    return [str(v) for v in value] if isinstance(value, list) else []
 
 
 def connect(url: str) -> aioredis.Redis:
@@ -167,6 +176,7 @@ class Client:
                 services=list(caps.get("job_service_required_map", [])),
                 completed=int(record.get("total_jobs_completed", 0) or 0),
                 failed=int(record.get("total_jobs_failed", 0) or 0),
+                problems=_json_list(record.get("emp_problems")),
             ))
         return infos
 

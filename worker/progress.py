@@ -51,8 +51,8 @@ class ProgressReporter:
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="progress")
 
-    def report(self, percent: float, message: str, step: int | None, total: int | None) -> None:
-        self._latest = ProgressUpdate(percent, message, step, total)
+    def report(self, update: ProgressUpdate) -> None:
+        self._latest = update
         self._wake.set()
 
     async def _flush(self) -> None:

@@ -224,13 +224,3 @@ def submit_fields(
     }
     fields.update({k: str(v) for k, v in optional.items() if v is not None})
     return fields
-
-
-def retry_backoff_ms(retry_count: int, base_s: float, max_s: float, jitter: float) -> int:
-    """Exponential backoff with jitter for the `retry_count`-th retry (0-based).
-
-    ``jitter`` in [0, 1) comes from the caller's random source: the delay is drawn from
-    [half, full] of ``min(max_s, base_s * 2**retry_count)``, so retries of many jobs spread out.
-    """
-    full = min(max_s, base_s * (2 ** min(retry_count, 30)))
-    return int(1000 * full * (0.5 + 0.5 * jitter))

@@ -13,6 +13,7 @@ import dataclasses
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -24,6 +25,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from worker import scripts
 from worker.errors import InvalidJob, RedisUnavailable, StaleJob
 from worker.keys import Keys
+from worker.protocol import utc_iso
 
 MAX_PER_BEAT = 100
 
@@ -63,11 +65,16 @@ class Deferred:
 
 @dataclass(frozen=True)
 class ProgressUpdate:
+    """One progress report of a running job (built by JobContext.progress)."""
+
     progress: float
     message: str = ""
     current_step: int | None = None
     total_steps: int | None = None
-    estimated_completion: str = ""
+    eta_s: float | None = None  # seconds left: written as estimated_completion
+    data: dict[str, Any] | None = None  # small structured detail, e.g. {"node": "12"}
+    preview: bytes | None = None  # a live preview image (only when previews are on)
+    preview_type: str = "image/jpeg"
 
 
 @dataclass(frozen=True)
@@ -76,6 +83,13 @@ class Beat:
     promoted: int
     lost: list[str]
     reaped: int = 0
+
+
+def eta_iso(eta_s: float | None) -> str:
+    """Seconds left -> the ISO time emp-job-queue's `estimated_completion` holds ('' if unknown)."""
+    if eta_s is None:
+        return ""
+    return utc_iso(datetime.now(UTC) + timedelta(seconds=min(eta_s, 365 * 86400.0)))
 
 
 def _opt(value: int | None) -> str:
@@ -133,7 +147,7 @@ class Queue:
     async def progress(self, job_id: str, worker_id: str, attempt: int, update: ProgressUpdate) -> None:
         reply = await self._run(
             "progress", job_id, worker_id, attempt, update.progress, update.message,
-            _opt(update.current_step), _opt(update.total_steps), update.estimated_completion, self._options,
+            _opt(update.current_step), _opt(update.total_steps), eta_iso(update.eta_s), self._options,
         )
         self._fenced(reply, job_id)
 

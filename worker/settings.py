@@ -84,6 +84,13 @@ class Settings(BaseSettings):
     workflow_id: str = _env("workflow_id", "")
     capabilities: str = _env("capabilities", "")
     model_affinity_s: float = _env("model_affinity_s", 3.0, ge=0, le=60)
+    health_timeout_s: float = _env("health_timeout_s", 5.0, gt=0, le=300)
+    models_ttl_s: float = _env("models_ttl_s", 60.0, ge=1, le=86400)
+    progress_previews: bool = _env("progress_previews", False)
+    preview_max_bytes: int = _env("preview_max_bytes", 256 * 1024, ge=1024, le=8 * 1024 * 1024)
+    output_inline_bytes: int = _env("output_inline_bytes", 64 * 1024, ge=0, le=1024 * 1024)
+    output_dir: str = _env("output_dir", "")
+    output_base_url: str = _env("output_base_url", "")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = _env("log_level", "INFO")
     log_format: Literal["auto", "text", "json"] = _env("log_format", "auto")
 
