@@ -21,7 +21,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from worker.keys import Keys
+from worker.keys import MODELS_FIELD, Keys
 from worker.matching import matches
 from worker.protocol import emp_job_queue_score, epoch_ms, submit_fields
 from worker.queue import Queue, QueueConfig
@@ -181,16 +181,21 @@ class Client:
         return infos
 
     async def live_capabilities(self) -> dict[str, dict[str, Any]]:
-        """What each live worker matches with when it claims (its emp_caps), by worker id."""
+        """What each live worker matches with when it claims (its emp_caps), by worker id; caps
+        without ``models`` get the worker's stored ones (emp_models, Queue.set_models), as the claim
+        script does."""
         found: dict[str, dict[str, Any]] = {}
         for worker_id in sorted(await self.redis.smembers(self.keys.workers_active)):
             if not await self.redis.exists(self.keys.heartbeat(worker_id)):
                 continue
+            raw_caps, raw_models = await self.redis.hmget(self.keys.worker(worker_id), ["emp_caps", MODELS_FIELD])
             try:
-                caps = json.loads(await self.redis.hget(self.keys.worker(worker_id), "emp_caps") or "")
+                caps = json.loads(raw_caps or "")
             except ValueError:
                 continue  # a worker of the system we replace: its capabilities are not comparable
             if isinstance(caps, dict):
+                if "models" not in caps:
+                    caps["models"] = _json_object(raw_models)
                 found[worker_id] = caps
         return found
 
@@ -231,6 +236,15 @@ class Unrunnable:
     pending: int
     oldest_wait_s: float
     reason: str
+
+
+def _json_object(raw: str | None) -> dict[str, Any]:
+    """A JSON object stored in Redis, or {} when absent or unreadable (the claim script reads it so)."""
+    try:
+        value = json.loads(raw or "")
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 def _event(entry_id: str, fields: Mapping[str, str]) -> JobEvent:

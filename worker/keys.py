@@ -36,6 +36,10 @@ DELAYED = "emp:delayed"
 REAPER_LOCK = "emp:reaper:lock"
 RECONCILE_LOCK = "emp:reconcile:lock"
 
+# A field of the worker hash (not a key): the worker's models as JSON {service: [model names]},
+# written by Queue.set_models and read by the claim script when claim capabilities carry none.
+MODELS_FIELD = "emp_models"
+
 # Pub/sub channels: emp-job-queue's names.
 CH_JOB_SUBMITTED = "job_submitted"
 CH_JOB_CLAIMED = "job_claimed"

@@ -1,6 +1,6 @@
 """Does a worker's capability set satisfy a job's requirements? One pure function.
 
-The claim script carries a Lua mirror of this module (``_MATCH`` in worker/scripts.py); the test
+The claim script carries a Lua mirror of this module (worker/lua/lib/match.lua); the test
 table in tests/worker/test_matching.py runs every case through both.
 
 Capabilities (what a worker sends with each claim)::
@@ -8,6 +8,10 @@ Capabilities (what a worker sends with each claim)::
     {"services": [...], "hardware": {"gpu_memory_gb", "gpu_model", "ram_gb", "cpu_cores"},
      "models": {service: [...]}, "customer_access": {"isolation", "allowed_customers",
      "denied_customers"}, "custom": {key: value}, "workflow_id": "" | id, "loaded": [...]}
+
+A worker may leave ``models`` out of what it sends and store it once in Redis instead
+(``Queue.set_models``, the worker hash's ``emp_models``); the claim script then reads it there, and
+``Client.live_capabilities`` puts it back, so this function always sees ``models``.
 
 Requirements (emp-job-queue's format): ``{"hardware": {...}, "models": [...] | "all",
 "customer_isolation": "strict"|"loose"|"none", "service_type": ..., <custom key>: value}``, or

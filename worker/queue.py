@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
 import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
@@ -24,7 +24,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from worker import scripts
 from worker.errors import InvalidJob, RedisUnavailable, StaleJob
-from worker.keys import Keys
+from worker.keys import MODELS_FIELD, Keys
 from worker.protocol import utc_iso
 
 MAX_PER_BEAT = 100
@@ -143,6 +143,18 @@ class Queue:
     async def set_loaded(self, worker_id: str, models: list[str]) -> None:
         """Record the models `worker_id` holds in GPU memory, for model affinity."""
         await self._run("set_loaded", worker_id, json.dumps(models))
+
+    async def set_models(self, worker_id: str, models: Mapping[str, list[str]]) -> None:
+        """Store the models `worker_id` can run, ``{service: [model names]}``, in its worker hash
+        (field emp_models), so that its claims need not carry them: a claim whose capabilities have
+        no ``models`` key matches with these. Call it at start and whenever the models change; it
+        replaces the previous set and lasts as long as the worker record (which heartbeats keep)."""
+        value = json.dumps({service: list(names) for service, names in models.items()})
+        try:
+            # redis-py types its asyncio client with the sync one's `Awaitable[T] | T` unions
+            await cast("Awaitable[int]", self.redis.hset(self.keys.worker(worker_id), MODELS_FIELD, value))
+        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            raise RedisUnavailable(f"Redis is unreachable ({type(exc).__name__}); retrying") from exc
 
     async def progress(self, job_id: str, worker_id: str, attempt: int, update: ProgressUpdate) -> None:
         reply = await self._run(

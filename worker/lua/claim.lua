@@ -1,7 +1,8 @@
 -- requires: clock common index final_fail reconcile match
 -- Claim the best job this worker can run.
 -- KEYS: none (every key is the prefix in ARGV[1] plus a name from worker/keys.py).
--- ARGV: 1 prefix, 2 worker id, 3 capabilities JSON (see worker/matching.py),
+-- ARGV: 1 prefix, 2 worker id, 3 capabilities JSON (see worker/matching.py; without a models
+--         key the worker's models are those Queue.set_models stored in its hash, emp_models),
 --       4 hint job id ('' for none: a job_submitted id to index first),
 --       5 options JSON (QueueConfig's fields): lease_ms, stream_maxlen, stream_ttl_s,
 --         retention_s (for jobs failed here as invalid), retry_exclusion_ms (skip jobs this
@@ -11,7 +12,7 @@
 -- loaded (claim again after ms), else {attempt, field, value, field, value, ...} of the job.
 
 local worker = ARGV[2]
-local caps = cjson.decode(ARGV[3])
+local caps = with_stored_models(cjson.decode(ARGV[3]), worker)
 local opts = cjson.decode(ARGV[5])
 local lease_ms = tonumber(opts['lease_ms'])
 local maxlen, ttl, retention = tonumber(opts['stream_maxlen']), tonumber(opts['stream_ttl_s']),
@@ -73,7 +74,7 @@ local function idle_holder_elsewhere(models, meta)
       if f[1] ~= 'draining' and f[1] ~= 'offline'
         and redis.call('HLEN', K('@ACTIVE@' .. w)) < (tonumber(f[2]) or 1) then
         local other = decode(f[3])
-        if type(other) == 'table' and matches(other, meta) then return true end
+        if type(other) == 'table' and matches(with_stored_models(other, w), meta) then return true end
       end
     end
   end

@@ -1,6 +1,8 @@
 -- requires: clock common loaded index final_fail requeue
 -- Heartbeat, one command per beat:
---  * refresh the worker record, its heartbeat key and workers:active;
+--  * refresh the worker record, its heartbeat key and workers:active; a live worker's record never
+--    expires (a past deregistration or offline mark set a TTL on it), so what is written to it only
+--    on change (emp_models, Queue.set_models) stays;
 --  * renew the leases of the jobs this worker runs (holder and attempt checked); report the ones
 --    it no longer holds (reaped, cancelled, taken over) so it stops them;
 --  * promote delayed retries that are due;
@@ -27,6 +29,7 @@ redis.call('SADD', K('@WORKERS_ACTIVE@'), worker)
 for f, v in pairs(cjson.decode(ARGV[5])) do redis.call('HSET', wk, f, tostring(v)) end
 redis.call('HSET', wk, 'worker_id', worker, 'status', ARGV[4], 'last_heartbeat', at)
 redis.call('HSETNX', wk, 'connected_at', at)
+redis.call('PERSIST', wk)
 if ARGV[7] ~= '' then set_loaded(worker, cjson.decode(ARGV[7])) end
 
 local renewed, lost = 0, {}

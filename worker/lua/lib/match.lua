@@ -1,8 +1,12 @@
 -- requires: common
 -- Capability matching, the Lua mirror of worker/matching.py (keep the two in step; the shared
 -- case table in tests/worker/test_matching.py runs both).
--- provides: same, contains, is_object, num, has_model, custom_ok, customer_ok, positive_ok, negative_ok,
---   matches
+-- A worker's models may live in its worker hash (field emp_models, written by Queue.set_models)
+-- rather than in the capabilities: with_stored_models(caps, w) says so for capabilities without
+-- a models key, and the field is then read only when a requirement asks about a model, once per
+-- script call and worker.
+-- provides: same, contains, is_object, num, with_stored_models, models_of, has_model, custom_ok,
+--   customer_ok, positive_ok, negative_ok, matches
 
 local JOB_ONLY_KEYS = { timeout_minutes = true, quality_level = true, priority = true,
   max_retries = true, estimated_duration = true, description = true, timeout = true,
@@ -36,8 +40,30 @@ local function num(v)
   return nil
 end
 
-local function has_model(caps, service, model)
+local stored_models_of = {}  -- capabilities table -> worker id whose emp_models stands in for them
+local stored_models = {}     -- worker id -> its decoded emp_models (false when none or unreadable)
+
+-- Mark capabilities that carry no models as those of worker w, whose models are stored in Redis.
+local function with_stored_models(caps, w)
+  if caps['models'] == nil then stored_models_of[caps] = w end
+  return caps
+end
+
+-- The capabilities' models: their own models key when present, else the stored ones (read lazily).
+local function models_of(caps)
   local models = caps['models']
+  if models ~= nil then return models end
+  local w = stored_models_of[caps]
+  if not w then return nil end
+  if stored_models[w] == nil then
+    local got = decode(redis.call('HGET', K('@WORKER@' .. w), '@MODELS_FIELD@'))
+    stored_models[w] = type(got) == 'table' and got or false
+  end
+  return stored_models[w]
+end
+
+local function has_model(caps, service, model)
+  local models = models_of(caps)
   if type(models) ~= 'table' then return false end
   if contains(models[service], model) then return true end
   for _, list in pairs(models) do if contains(list, model) then return true end end
