@@ -19,6 +19,7 @@ from connectors.base import (
     StopReason,
 )
 from connectors.hookspecs import hookimpl
+from connectors.http import HttpEngine, StreamedResponse, error_for_status
 from connectors.settings import ConnectorSettings, EngineSettings, slot_url
 from worker.errors import ConfigError, JobError, PermanentJobError, RetryableJobError
 from worker.protocol import Job
@@ -31,6 +32,7 @@ __all__ = [
     "EngineSettings",
     "Health",
     "HealthState",
+    "HttpEngine",
     "Job",
     "JobCancelled",
     "JobContext",
@@ -41,6 +43,8 @@ __all__ = [
     "PermanentJobError",
     "RetryableJobError",
     "StopReason",
+    "StreamedResponse",
+    "error_for_status",
     "hookimpl",
     "slot_url",
 ]

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import json
 import logging
 import re
 from abc import ABC, abstractmethod
@@ -179,10 +180,24 @@ class JobContext:
             current_step=step,
             total_steps=total_steps,
             eta_s=eta_s if eta_s is None or eta_s >= 0 else None,
-            data=dict(data) if data else None,
+            data=self._bounded(data),
             preview=preview if keep_preview else None,
             preview_type=preview_type,
         ))
+
+    def _bounded(self, data: Mapping[str, Any] | None) -> dict[str, Any] | None:
+        """Progress detail as JSON of at most 4 KiB; anything else is dropped with a warning."""
+        if not data:
+            return None
+        try:
+            size = len(json.dumps(data))
+        except (TypeError, ValueError) as exc:
+            self.log.warning("progress data dropped: not JSON (%s)", exc)
+            return None
+        if size > MAX_PROGRESS_DATA_BYTES:
+            self.log.warning("progress data dropped: %d bytes of JSON, the limit is %d", size, MAX_PROGRESS_DATA_BYTES)
+            return None
+        return dict(data)
 
     def add_output(
         self, name: str, data: bytes | None = None, *, path: Path | str | None = None,

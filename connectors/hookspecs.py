@@ -1,7 +1,10 @@
 """The plugin contract: every hook emp-worker calls, prefixed ``emp_``.
 
 Plugins implement them with ``from connectors import hookimpl`` and are found through the
-``emp_worker`` entry-point group (the built-ins are registered explicitly)."""
+``emp_worker`` entry-point group (the built-ins are registered explicitly). Each implementation
+is called on its own (connectors/manager.py): one that raises is skipped with an ERROR line
+naming its plugin, and ``emp-worker status`` shows it, while the others' contributions count.
+A connector name or a service provided twice is a configuration error at start-up."""
 
 from __future__ import annotations
 
@@ -18,16 +21,18 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 
 @hookspec
 def emp_connectors() -> Sequence[type[Any]]:  # type: ignore[empty-body]
-    """Called once at start-up. Return the Connector subclasses this plugin provides."""
+    """Called at start-up (and by ``emp-worker plugins``). Return the Connector subclasses this
+    plugin provides; each needs a unique ``name`` and ``service_types`` (see connectors/base.py)."""
 
 
 @hookspec
 def emp_capabilities(worker_id: str, capabilities: dict[str, Any]) -> dict[str, Any] | None:
-    """Called when the worker (re)builds its capability record. Return custom capability keys
-    to add (e.g. ``{"has_nvenc": True}``), or None. Must not block."""
+    """Called by each slot's refresh loop (every heartbeat interval, never on the lease path)
+    with the slot's capabilities. Return custom capability keys to add (e.g.
+    ``{"has_nvenc": True}``), or None. Must not block: a call over 0.1 s is logged."""
 
 
 @hookspec
 def emp_job_finished(job_id: str, service: str, outcome: str, duration_s: float) -> None:
-    """Called after a job ends on this worker; outcome is completed, failed, retry, cancelled or
-    handed_back. For metrics and audit; must not block."""
+    """Called after a job ends on this worker; `outcome` is an ``Outcome`` value: completed,
+    failed, retry, cancelled, handed_back or dropped. For metrics and audit; must not block."""

@@ -39,7 +39,7 @@ from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from types import TracebackType
 from typing import Any, TypeVar
 
-from connectors.base import Connector, ConnectorConfig, JobContext, JobResult, StopReason
+from connectors.base import Connector, ConnectorConfig, JobCancelled, JobContext, JobResult, StopReason
 from worker.protocol import Job
 from worker.queue import ProgressUpdate
 
@@ -96,7 +96,7 @@ async def run_job(connector: Connector, job: Job, ctx: FakeJobContext | None = N
                   cancel_after: Callable[[FakeJobContext], bool] | None = None) -> tuple[JobResult, FakeJobContext]:
     """Run one job through `connector` (start() first if it was never started is up to you).
     With `cancel_after`, the job is stopped as the worker would stop a cancelled job (interrupt,
-    then cancel) as soon as the predicate holds on the context."""
+    then cancel) as soon as the predicate holds on the context, and JobCancelled is raised."""
     ctx = ctx or FakeJobContext(job)
     task = asyncio.create_task(connector.run(job, ctx))
     while cancel_after is not None and not task.done():
@@ -106,7 +106,17 @@ async def run_job(connector: Connector, job: Job, ctx: FakeJobContext | None = N
             task.cancel()
             break
         await asyncio.sleep(0.01)  # polls the predicate; the job runs meanwhile
-    return await task, ctx
+    try:
+        return await task, ctx
+    except asyncio.CancelledError:
+        if ctx.cancelled.is_set() and not _current_task_cancelling():
+            raise JobCancelled(ctx.cancel_reason) from None
+        raise
+
+
+def _current_task_cancelling() -> bool:
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 class WorkerProcess:

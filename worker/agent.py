@@ -380,6 +380,9 @@ class Worker:
     def _start(self, claimed: Claimed) -> None:
         self.claims += 1
         running = RunningJob(claimed.job_id, claimed.attempt)
+        running.engine = self.by_service.get(claimed.fields.get("service_required", ""))
+        if running.engine is not None:
+            running.engine.running += 1  # its place is taken now: the next claim must not offer it
         self.running[claimed.job_id] = running
         self._spawn(self._execute(claimed, running), name=f"job-{claimed.job_id}")
         if self.state is WorkerState.IDLE:
@@ -394,11 +397,13 @@ class Worker:
     async def _execute(self, claimed: Claimed, running: RunningJob) -> None:
         outcome = Outcome.FAILED
         try:
-            outcome = await self.executor.run(claimed, running, self.by_service.get)
+            outcome = await self.executor.run(claimed, running)
         except Exception:
             log.exception("job %s: unexpected error in the worker", claimed.job_id)
         finally:
             self.running.pop(claimed.job_id, None)
+            if running.engine is not None:
+                running.engine.running -= 1
             if self.plugins is not None:
                 self.plugins.job_finished(claimed.job_id, running.service, outcome,
                                           time.monotonic() - running.started)

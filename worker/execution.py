@@ -22,7 +22,7 @@ from typing import Any
 from connectors.base import JobCancelled, JobContext, Outcome, StopReason
 from worker.errors import InvalidJob, JobError, RedisUnavailable, StaleJob
 from worker.guard import INTERRUPT_TIMEOUT_S, PluggedConnector
-from worker.outputs import OutputError, place_outputs
+from worker.outputs import place_outputs
 from worker.progress import ProgressReporter
 from worker.protocol import Job
 from worker.queue import Claimed, Queue
@@ -77,8 +77,8 @@ class Executor:
         self.worker_id = worker_id
         self._on_finished = on_finished  # before the outcome frees the slot (loaded models)
 
-    async def run(self, claimed: Claimed, running: RunningJob,
-                  engine_for: Callable[[str], PluggedConnector | None]) -> Outcome:
+    async def run(self, claimed: Claimed, running: RunningJob) -> Outcome:
+        """Run a job whose place the slot has taken (``running.engine``: its connector)."""
         job_id, attempt = claimed.job_id, claimed.attempt
         try:
             job = Job.from_hash(claimed.fields, attempt, self.settings.max_payload_bytes)
@@ -86,17 +86,12 @@ class Executor:
             log.warning("job %s is malformed: %s", job_id, exc)
             return await self._fail(job_id, attempt, f"invalid job: {exc}", retryable=False, retries=0)
         running.service, running.job = job.service, job
-        engine = engine_for(job.service)
-        if engine is None:
+        engine = running.engine
+        if engine is None or job.service not in engine.services:
             return await self._fail(job_id, attempt, f"no connector here runs {job.service!r}",
                                     retryable=True, retries=job.retry_count)
-        running.engine = engine
         log.info("job %s claimed (attempt %d, service %s)", job_id, attempt, job.service)
-        engine.running += 1
-        try:
-            result, error = await self._run_with_progress(engine, job, running)
-        finally:
-            engine.running -= 1
+        result, error = await self._run_with_progress(engine, job, running)
         try:
             await self._on_finished()
         except Exception as exc:  # an optimisation (affinity): never let it cost the outcome
@@ -162,7 +157,7 @@ class Executor:
         if error is None and result is not None and running.ctx is not None and running.ctx.outputs:
             try:
                 result = await place_outputs(self.settings, job, running.ctx.outputs, result)
-            except OutputError as exc:
+            except JobError as exc:  # OutputError, or a permanent one (no store for a large output)
                 error = exc
         if error is not None or result is None:
             message = str(error) if error is not None else "job stopped"

@@ -9,6 +9,7 @@ Foreign errors (redis-py's) are translated here into worker.errors at the bounda
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import json
 from collections.abc import Awaitable, Mapping
@@ -92,6 +93,17 @@ def eta_iso(eta_s: float | None) -> str:
     return utc_iso(datetime.now(UTC) + timedelta(seconds=min(eta_s, 365 * 86400.0)))
 
 
+def _progress_extra(update: ProgressUpdate) -> str:
+    """The progress script's extra argument: structured detail and a preview, when present."""
+    extra: dict[str, Any] = {}
+    if update.data:
+        extra["data"] = update.data
+    if update.preview is not None:
+        extra["preview"] = base64.b64encode(update.preview).decode()
+        extra["preview_type"] = update.preview_type
+    return json.dumps(extra) if extra else ""
+
+
 def _opt(value: int | None) -> str:
     return "" if value is None else str(value)
 
@@ -159,7 +171,8 @@ class Queue:
     async def progress(self, job_id: str, worker_id: str, attempt: int, update: ProgressUpdate) -> None:
         reply = await self._run(
             "progress", job_id, worker_id, attempt, update.progress, update.message,
-            _opt(update.current_step), _opt(update.total_steps), eta_iso(update.eta_s), self._options,
+            _opt(update.current_step), _opt(update.total_steps), eta_iso(update.eta_s),
+            _progress_extra(update), self._options,
         )
         self._fenced(reply, job_id)
 

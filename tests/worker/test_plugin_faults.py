@@ -176,3 +176,58 @@ def test_a_connector_declares_its_concurrency() -> None:
 
     assert PluggedConnector(One(ConnectorConfig("w")), slot_limit=4).limit == 1
     assert PluggedConnector(Twin(ConnectorConfig("w")), slot_limit=4).limit == 4
+
+
+class Flaky(Connector):
+    """health() and models() fail on command, separately."""
+
+    name = "flaky"
+    service_types = ("flaky",)
+    health_fails = False
+    models_fail = False
+    models_failures = 0
+
+    async def health(self) -> Health:
+        if Flaky.health_fails:
+            raise ConnectionError("engine socket closed")
+        return Health(HealthState.OK)
+
+    async def models(self) -> dict[str, list[str]]:
+        if Flaky.models_fail:
+            Flaky.models_failures += 1
+            raise RuntimeError("object_info timed out")
+        return {"flaky": ["sdxl"]}
+
+    async def run(self, job: Job, ctx: JobContext) -> JobResult:
+        return {"ok": True}
+
+
+class FlakyPlugin:
+    @hookimpl
+    def emp_connectors(self) -> Sequence[type[Any]]:
+        return [Flaky]
+
+
+async def test_health_and_models_fail_separately(client: Client, start_worker: WorkerFactory) -> None:
+    Flaky.health_fails, Flaky.models_fail = False, False
+    worker = await start_worker("flaky", connectors="flaky", plugins=[FlakyPlugin()], models_ttl_s=1)
+    [engine] = worker.engines
+    assert engine.models == {"flaky": ["sdxl"]}
+    Flaky.models_fail = True  # models() fails: the last list is kept, jobs still run
+    Flaky.models_failures = 0
+    await wait_until(lambda: Flaky.models_failures >= 1, within_s=10)  # listed again (TTL 1 s): failed
+    first = await client.submit("flaky", {}, requirements={"models": ["sdxl"]})
+    await wait_until(lambda: _final(client, first), within_s=10)
+    assert (await _job(client, first))["status"] == "completed" and engine.models == {"flaky": ["sdxl"]}
+
+    Flaky.health_fails = True  # health() fails: DOWN, said in status, nothing claimed
+    await wait_until(lambda: not engine.can_claim, within_s=10)
+    second = await client.submit("flaky", {})
+    await wait_until(lambda: _has_problem(client, "flaky", "health() failed: ConnectionError: engine socket closed"))
+    assert (await _job(client, second))["status"] == "pending"
+    Flaky.health_fails = False
+    await wait_until(lambda: _final(client, second), within_s=10)
+
+
+async def _has_problem(client: Client, worker_id: str, text: str) -> bool:
+    return any(text in p for w in await client.workers() if w.worker_id == worker_id for p in w.problems)

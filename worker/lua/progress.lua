@@ -3,7 +3,10 @@
 -- KEYS: none (every key is the prefix in ARGV[1] plus a name from worker/keys.py).
 -- ARGV: 1 prefix, 2 job id, 3 worker id, 4 attempt, 5 progress (0-100), 6 message,
 --       7 current step ('' if unknown), 8 total steps ('' if unknown),
---       9 estimated completion ISO ('' if unknown), 10 options JSON: stream_maxlen, stream_ttl_s.
+--       9 estimated completion ISO ('' if unknown),
+--       10 extra JSON ('' if none): {data = connector detail, preview = base64 image, preview_type}
+--          (the detail goes to the stream and the channel; a preview only to the stream),
+--       11 options JSON: stream_maxlen, stream_ttl_s.
 -- Returns {1} or {0, reason}.
 
 local id, worker, attempt = ARGV[2], ARGV[3], ARGV[4]
@@ -13,7 +16,7 @@ if stale then return {0, stale} end
 local ms = now_ms()
 local at = iso(ms)
 local progress = tonumber(ARGV[5])
-local opts = cjson.decode(ARGV[10])
+local opts = cjson.decode(ARGV[11])
 local maxlen, ttl = tonumber(opts['stream_maxlen']), tonumber(opts['stream_ttl_s'])
 if redis.call('HGET', jk, 'status') == 'assigned' then
   redis.call('HSET', jk, 'status', 'in_progress', 'started_at', at)
@@ -27,6 +30,12 @@ local data = { job_id = id, worker_id = worker, progress = progress, status = 'i
 if ARGV[7] ~= '' then data['current_step'] = tonumber(ARGV[7]) end
 if ARGV[8] ~= '' then data['total_steps'] = tonumber(ARGV[8]) end
 if ARGV[9] ~= '' then data['estimated_completion'] = ARGV[9] end
-stream_event(id, 'progress', data, maxlen, ttl)
+local extra = ARGV[10] ~= '' and cjson.decode(ARGV[10]) or {}
+if type(extra['data']) == 'table' then data['data'] = extra['data'] end
 publish('@CH_PROGRESS@', data)
+if type(extra['preview']) == 'string' then
+  data['preview'] = extra['preview']
+  data['preview_type'] = extra['preview_type']
+end
+stream_event(id, 'progress', data, maxlen, ttl)
 return {1}
