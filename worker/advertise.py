@@ -8,7 +8,8 @@ Two views of the same facts:
 * ``record_fields()``: the ``worker:{id}`` hash fields the heartbeat writes: emp-job-queue's
   ``capabilities`` (flat, as their matcher and monitor read it), our ``emp_caps`` (what a peer
   compares with for model affinity, and ``emp-worker status`` for unrunnable jobs), the state of
-  each connector and the problems that keep the slot from claiming.
+  each connector and the problems that keep the slot from claiming. The models are not in it:
+  they can be megabytes (ComfyUI), so they are written to ``emp_models`` only when they change.
 
 Nothing here does I/O; plugin hooks are called by ``refresh_extra`` in the refresh loop, never on
 the lease path.
@@ -59,12 +60,13 @@ class Advertiser:
         return merged
 
     def _base(self, services: list[str]) -> dict[str, Any]:
+        """Capabilities without the models: those are stored once per change in the worker
+        hash's emp_models (Queue.set_models), where the claim script reads them when a job asks."""
         custom = dict(self.settings.custom_capabilities)
         custom.update(self.extra)
         return {
             "services": services,
             "hardware": self.hardware,
-            "models": self.models(),
             "customer_access": self.settings.customer_access,
             "custom": custom,
             "workflow_id": self.settings.workflow_id,
@@ -97,7 +99,6 @@ class Advertiser:
             "job_service_required_map": self.all_services,
             "services": caps["services"],
             "hardware": caps["hardware"],
-            "models": caps["models"],
             "loaded_models": self.loaded,
             "customer_access": caps["customer_access"],
             "gpus": [self.gpu.to_dict()] if self.gpu is not None else [],

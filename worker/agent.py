@@ -118,6 +118,7 @@ class Worker:
         self.wake = asyncio.Event()
         self.hints: deque[str] = deque(maxlen=1000)
         self.claims = 0
+        self._models_dirty = True  # written to Redis on the first refresh, then on each change
         self._tasks: set[asyncio.Task[Any]] = set()
 
     @property
@@ -263,10 +264,20 @@ class Worker:
         before = self.ads.services(with_room=False)
         timeout = self.settings.health_timeout_s
         await asyncio.gather(*(e.start() for e in self.engines if not e.started))
-        await asyncio.gather(*(e.check_health(timeout) for e in self.engines),
-                             *(e.refresh_models(self.settings.models_ttl_s, timeout) for e in self.engines),
-                             self._refresh_gpu(), self._refresh_loaded())
+        ttl = self.settings.models_ttl_s
+        results = await asyncio.gather(*(e.refresh_models(ttl, timeout) for e in self.engines),
+                                       *(e.check_health(timeout) for e in self.engines),
+                                       self._refresh_gpu(), self._refresh_loaded())
+        changed = results[: len(self.engines)]  # refresh_models: True when the list changed
         self.ads.refresh_extra()
+        if any(changed):
+            self._models_dirty = True
+        if self._models_dirty:
+            try:
+                await self.queue.set_models(self.worker_id, self.ads.models())
+                self._models_dirty = False
+            except RedisUnavailable as exc:
+                log.warning("could not record the models: %s", exc)
         if set(self.ads.services(with_room=False)) - set(before):
             self.wake.set()
 

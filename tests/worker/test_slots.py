@@ -13,7 +13,7 @@ from tests.conftest import wait_until
 from tests.procs import WorkerProcess
 from tests.worker.test_cli import _cli
 from worker.client import Client
-from worker.keys import Keys
+from worker.keys import MODELS_FIELD, Keys
 
 SLOT0, SLOT1 = "box-worker-simulation-0", "box-worker-simulation-1"
 
@@ -54,7 +54,9 @@ async def test_two_fake_gpus_advertise_their_own_memory(client: Client, redis_ur
         assert records[SLOT1]["hardware"]["gpu_model"] == "Fake H100"
         gpu = records[SLOT1]["gpus"][0]
         assert gpu["index"] == 1 and gpu["memory_total_gb"] == 80.0 and 0 < gpu["memory_free_gb"] < 80
-        assert records[SLOT0]["models"] == {"simulation": ["flux", "sdxl"]}
+        assert "models" not in records[SLOT0]  # stored once per change, not rewritten every beat:
+        stored = await client.redis.hget(keys.worker(SLOT0), MODELS_FIELD)
+        assert json.loads(stored) == {"simulation": ["flux", "sdxl"]}
         assert records[SLOT0]["job_service_required_map"] == ["simulation"]
         host = records[SLOT0]["host"]
         assert host["gpu_count"] == 2 and host["cuda_version"] == "12.4" and host["gpu_source"] == "fake"
