@@ -38,7 +38,7 @@ from connectors.base import Connector, Outcome, StopReason
 from connectors.manager import Plugins
 from worker.advertise import Advertiser
 from worker.errors import RedisUnavailable
-from worker.execution import Executor, RunningJob, stop_all
+from worker.execution import STOP_WAIT_S, Executor, RunningJob, stop_all
 from worker.guard import PluggedConnector
 from worker.hardware import Gpu
 from worker.keys import Keys
@@ -51,7 +51,6 @@ log = logging.getLogger("emp.worker")
 
 GPU_READ_TIMEOUT_S = 2.0
 LOADED_TIMEOUT_S = 1.0
-STOP_WAIT_S = 10.0
 
 
 class WorkerState(enum.Enum):
