@@ -35,7 +35,9 @@ import asyncio
 import enum
 import json
 import logging
+import math
 import re
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -52,6 +54,7 @@ JobResult = dict[str, Any]
 MAX_OUTPUTS = 256
 MAX_PROGRESS_MESSAGE = 1000
 MAX_PROGRESS_DATA_BYTES = 4096
+PREVIEW_INTERVAL_S = 1.0
 _OUTPUT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
 
 
@@ -150,6 +153,7 @@ class JobContext:
         self.previews = previews
         self.preview_max_bytes = preview_max_bytes
         self._report = report
+        self._last_preview = -math.inf
 
     @property
     def cancel_reason(self) -> str:
@@ -171,9 +175,14 @@ class JobContext:
 
         ``eta_s``: seconds left (sent as ``estimated_completion``); ``data``: small structured
         detail (e.g. ``{"node": "12"}``, at most 4 KiB of JSON); ``preview``: a live preview image,
-        kept only when previews are on and it is at most ``preview_max_bytes``.
+        kept only when previews are on, it is at most ``preview_max_bytes``, and the last kept one
+        is a second old (previews go to the job's progress stream).
         """
-        keep_preview = preview is not None and self.previews and len(preview) <= self.preview_max_bytes
+        now = time.monotonic()
+        keep_preview = (preview is not None and self.previews and len(preview) <= self.preview_max_bytes
+                        and now - self._last_preview >= PREVIEW_INTERVAL_S)
+        if keep_preview:
+            self._last_preview = now
         self._report(ProgressUpdate(
             progress=max(0.0, min(100.0, float(percent))),
             message=message[:MAX_PROGRESS_MESSAGE],
@@ -182,7 +191,7 @@ class JobContext:
             eta_s=eta_s if eta_s is None or eta_s >= 0 else None,
             data=self._bounded(data),
             preview=preview if keep_preview else None,
-            preview_type=preview_type,
+            preview_type=preview_type[:100],
         ))
 
     def _bounded(self, data: Mapping[str, Any] | None) -> dict[str, Any] | None:
@@ -190,7 +199,7 @@ class JobContext:
         if not data:
             return None
         try:
-            size = len(json.dumps(data))
+            size = len(json.dumps(data, allow_nan=False))
         except (TypeError, ValueError) as exc:
             self.log.warning("progress data dropped: not JSON (%s)", exc)
             return None

@@ -8,6 +8,7 @@ other plugins' contributions still count.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import time
 from collections.abc import Sequence
@@ -26,6 +27,7 @@ log = logging.getLogger("emp.plugins")
 
 BUILTINS: tuple[object, ...] = (simulation,)
 SLOW_HOOK_S = 0.1
+MAX_CAPABILITY_BYTES = 8192
 
 
 def get_plugin_manager(*, load_entry_points: bool = True) -> pluggy.PluginManager:
@@ -100,8 +102,16 @@ class Plugins:
         infos: list[ConnectorInfo] = []
         for plugin_name, batch in self._call_each("emp_connectors"):
             package, version = dists.get(id(plugin_objects.get(plugin_name)), (plugin_name, "?"))
-            for cls in batch or ():
-                _check_class(cls, plugin_name)
+            if not isinstance(batch, list | tuple):
+                batch = [batch]  # e.g. `return MyConnector`: checked (and refused) below
+            for cls in batch:
+                try:
+                    _check_class(cls, plugin_name)
+                except ConfigError as exc:  # one plugin's bad class must not hide the others
+                    if self.problems.get(f"{plugin_name}.emp_connectors") != str(exc):
+                        log.error("%s; skipped", exc)
+                    self.problems[f"{plugin_name}.emp_connectors"] = str(exc)
+                    continue
                 infos.append(ConnectorInfo(cls.name, tuple(cls.service_types), plugin_name, package, version, cls))
         return sorted(infos, key=lambda i: (i.name, i.plugin))
 
@@ -155,16 +165,35 @@ class Plugins:
         extra: dict[str, Any] = {}
         for plugin_name, part in self._call_each("emp_capabilities", worker_id=worker_id,
                                                  capabilities=dict(capabilities)):
-            if isinstance(part, dict):
+            problem = _capability_problem(part)
+            key = f"{plugin_name}.emp_capabilities"
+            if problem:
+                message = f"plugin {plugin_name}: emp_capabilities returned {problem}"
+                if self.problems.get(key) != message:
+                    log.error("%s; its contribution is skipped", message)
+                self.problems[key] = message
+            elif part:
                 extra.update(part)
-            elif part is not None:
-                log.error("plugin %s: emp_capabilities returned %s, not a dict; skipped",
-                          plugin_name, type(part).__name__)
         return extra
 
     def job_finished(self, job_id: str, service: str, outcome: Outcome, duration_s: float) -> None:
         self._call_each("emp_job_finished", job_id=job_id, service=service, outcome=outcome.value,
                         duration_s=duration_s)
+
+
+def _capability_problem(part: Any) -> str:
+    """Why a hook's capability contribution cannot be used ('' when it can)."""
+    if part is None:
+        return ""
+    if not isinstance(part, dict):
+        return f"{type(part).__name__}, not a dict"
+    try:
+        size = len(json.dumps(part, allow_nan=False))
+    except (TypeError, ValueError) as exc:
+        return f"a value that is not JSON ({exc})"
+    if size > MAX_CAPABILITY_BYTES:
+        return f"{size} bytes of JSON, over the {MAX_CAPABILITY_BYTES} allowed"
+    return ""
 
 
 def _check_class(cls: Any, plugin: str) -> None:

@@ -37,7 +37,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from connectors.base import Connector, Outcome, StopReason
 from connectors.manager import Plugins
 from worker.advertise import Advertiser
-from worker.errors import RedisUnavailable
+from worker.errors import RedisUnavailable, StaleJob
 from worker.execution import STOP_WAIT_S, Executor, RunningJob, stop_all
 from worker.guard import PluggedConnector
 from worker.hardware import Gpu
@@ -118,6 +118,8 @@ class Worker:
         self.hints: deque[str] = deque(maxlen=1000)
         self.claims = 0
         self._models_dirty = True  # written to Redis on the first refresh, then on each change
+        self._starting: dict[PluggedConnector, asyncio.Task[None]] = {}
+        self._fields: dict[str, str] = {}  # the last worker record built
         self._tasks: set[asyncio.Task[Any]] = set()
 
     @property
@@ -165,9 +167,9 @@ class Worker:
             await self._claim_loop()
             await self._drain()
         finally:
-            for task in background:
+            for task in [*background, *self._starting.values()]:
                 task.cancel()
-            await asyncio.gather(*background, return_exceptions=True)
+            await asyncio.gather(*background, *self._starting.values(), return_exceptions=True)
             await self._deregister()
             await asyncio.gather(*(engine.stop() for engine in self.engines))
             await self._set_state(WorkerState.STOPPED)
@@ -202,6 +204,10 @@ class Worker:
         pending = [t for t in self._tasks if not t.done()]
         if pending:
             await asyncio.wait(pending, timeout=STOP_WAIT_S)
+        for job in list(self.running.values()):  # a connector that ignores cancellation: hand back anyway
+            log.warning("job %s did not stop within %.0fs; handing it back", job.job_id, STOP_WAIT_S)
+            with contextlib.suppress(RedisUnavailable, StaleJob):
+                await self.queue.hand_back(job.job_id, self.worker_id, job.attempt, "worker draining")
 
     async def _deregister(self) -> None:
         try:
@@ -223,7 +229,11 @@ class Worker:
         ttl = max(int(self.settings.heartbeat_interval_s * 3), int(self.settings.lease_s) + 1)
         status = self.state.value if self.state is not WorkerState.STARTING else "idle"
         held = {job_id: job.attempt for job_id, job in self.running.items()}
-        fields = self.ads.record_fields(next(iter(self.running), ""))
+        try:
+            self._fields = self.ads.record_fields(next(iter(self.running), ""))
+        except Exception:  # never let the record cost the leases: beat with the last good one
+            log.exception("could not build the worker record; beating with the last one")
+        fields = self._fields
         beat = await self.queue.heartbeat(self.worker_id, status, fields, ttl, held, self.ads.loaded)
         if beat.reaped:
             log.warning("reaper: %d job(s) with an expired lease put back or failed", beat.reaped)
@@ -262,7 +272,9 @@ class Worker:
         the capability hooks."""
         before = self.ads.services(with_room=False)
         timeout = self.settings.health_timeout_s
-        await asyncio.gather(*(e.start() for e in self.engines if not e.started))
+        for engine in self.engines:  # retried in the background: a hanging start() holds no turn
+            if not engine.started and engine not in self._starting:
+                self._starting[engine] = asyncio.create_task(self._start_engine(engine), name=f"start-{engine.name}")
         ttl = self.settings.models_ttl_s
         results = await asyncio.gather(*(e.refresh_models(ttl, timeout) for e in self.engines),
                                        *(e.check_health(timeout) for e in self.engines),
@@ -279,6 +291,13 @@ class Worker:
                 log.warning("could not record the models: %s", exc)
         if set(self.ads.services(with_room=False)) - set(before):
             self.wake.set()
+
+    async def _start_engine(self, engine: PluggedConnector) -> None:
+        try:
+            if await engine.start():
+                self.wake.set()
+        finally:
+            self._starting.pop(engine, None)
 
     async def _refresh_gpu(self) -> None:
         """Re-read this slot's GPU; one that fails or reports a problem stops the slot claiming."""
@@ -380,6 +399,11 @@ class Worker:
                 log.warning("claim failed: %s (next try in %.1fs)", exc, delay)
                 await wait_for_event(self.stopping, delay)
                 continue
+            except Exception:
+                delay = backoff.next_delay()
+                log.exception("claim failed unexpectedly (next try in %.1fs)", delay)
+                await wait_for_event(self.stopping, delay)
+                continue
             if isinstance(claimed, Claimed):
                 self._start(claimed)
             elif isinstance(claimed, Deferred):  # left to a worker with its models loaded: look again
@@ -408,10 +432,13 @@ class Worker:
         outcome = Outcome.FAILED
         try:
             outcome = await self.executor.run(claimed, running)
-        except Exception:
+        except Exception as exc:
             log.exception("job %s: unexpected error in the worker", claimed.job_id)
+            with contextlib.suppress(Exception):
+                outcome = await self.executor.fail_unexpected(claimed, exc)
         finally:
-            self.running.pop(claimed.job_id, None)
+            if self.running.get(claimed.job_id) is running:
+                del self.running[claimed.job_id]
             if running.engine is not None:
                 running.engine.running -= 1
             if self.plugins is not None:

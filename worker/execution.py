@@ -49,6 +49,8 @@ class RunningJob:
     ctx: JobContext | None = None
     inner: asyncio.Task[Any] | None = None
     started: float = field(default_factory=time.monotonic)
+    #: the stop reason when run() ended (None: it ended on its own, and its result stands)
+    ended_by: StopReason | None = None
     _stopper: asyncio.Task[None] | None = None
 
     def stop(self, reason: StopReason) -> None:
@@ -125,8 +127,10 @@ class Executor:
         if running.stop_reason is not None:  # stopped before the task existed
             running.inner.cancel()
         done, _ = await asyncio.wait({running.inner}, timeout=timeout)
+        running.ended_by = running.stop_reason
         if not done:
             running.stop(StopReason.TIMEOUT)
+            running.ended_by = running.stop_reason
             await asyncio.wait({running.inner}, timeout=STOP_WAIT_S + INTERRUPT_TIMEOUT_S)
             return None, JobError(f"job timed out after {timeout:.0f}s")
         try:
@@ -144,7 +148,10 @@ class Executor:
     async def _record(
         self, job: Job, running: RunningJob, result: dict[str, Any] | None, error: JobError | None
     ) -> Outcome:
-        reason = running.stop_reason
+        # A run that ended on its own keeps its result even if a stop came while it was recorded
+        # (a drain landing then must not throw finished work away); the fence still refuses a
+        # job that was cancelled or moved on meanwhile.
+        reason = running.ended_by if result is not None and error is None else running.stop_reason
         if reason in (StopReason.CANCELLED, StopReason.LEASE_LOST, StopReason.STALE):
             log.info("job %s stopped (%s); nothing more to record", job.id, reason.value)
             return Outcome.CANCELLED if reason is StopReason.CANCELLED else Outcome.DROPPED
@@ -163,7 +170,11 @@ class Executor:
             message = str(error) if error is not None else "job stopped"
             retryable = error.retryable if error is not None else True
             return await self._fail(job.id, job.attempt, message, retryable=retryable, retries=job.retry_count)
-        encoded = json.dumps(result)
+        try:
+            encoded = json.dumps(result, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            return await self._fail(job.id, job.attempt, f"the connector's result is not JSON: {exc}",
+                                    retryable=False, retries=job.retry_count)
         if len(encoded.encode()) > self.settings.max_result_bytes:
             return await self._fail(
                 job.id, job.attempt,
@@ -174,6 +185,17 @@ class Executor:
             log.info("job %s completed", job.id)
             return Outcome.COMPLETED
         return Outcome.DROPPED
+
+    async def fail_unexpected(self, claimed: Claimed, exc: BaseException) -> Outcome:
+        """A bug between claim and outcome: fail the attempt (retryable) instead of leaving the
+        job held until its lease expires."""
+        try:
+            retries = int(float(claimed.fields.get("retry_count", "0") or 0))
+        except ValueError:
+            retries = 0
+        return await self._fail(claimed.job_id, claimed.attempt,
+                                f"worker error: {type(exc).__name__}: {str(exc)[:300]}",
+                                retryable=True, retries=retries)
 
     async def _fail(self, job_id: str, attempt: int, message: str, *, retryable: bool, retries: int) -> Outcome:
         s = self.settings

@@ -33,6 +33,7 @@ STOP_TIMEOUT_S = 10.0
 MAX_MODEL_SERVICES = 256
 MAX_MODELS = 100_000
 MAX_MODEL_NAME = 512
+MAX_MESSAGE = 500
 
 
 class PluginFailed(ConnectorError):
@@ -43,14 +44,37 @@ class PluginFailed(ConnectorError):
         self.plugin, self.call, self.detail = plugin, call, detail
 
 
+_abandoned: set[asyncio.Task[Any]] = set()  # plugin calls past their timeout that ignore cancellation
+
+
 async def guard(plugin: str, call: str, awaitable: Awaitable[T], timeout_s: float) -> T:
-    """Await plugin code within `timeout_s`; PluginFailed (with a short reason) if it raises."""
+    """Await plugin code within `timeout_s`; PluginFailed (with a short reason) if it raises,
+    times out, or raises CancelledError of its own. Past the timeout the call is cancelled and
+    left behind: a coroutine that swallows its cancellation cannot hold the caller."""
+    task = asyncio.ensure_future(awaitable)
     try:
-        return await asyncio.wait_for(awaitable, timeout_s)
-    except TimeoutError:
-        raise PluginFailed(plugin, call, f"took over {timeout_s:g}s") from None
+        done, _ = await asyncio.wait({task}, timeout=timeout_s)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    if not done:
+        task.cancel()
+        _abandoned.add(task)
+        task.add_done_callback(_abandoned.discard)
+        raise PluginFailed(plugin, call, f"took over {timeout_s:g}s")
+    try:
+        return task.result()
+    except asyncio.CancelledError:  # the plugin's own (e.g. a client library's timeout)
+        raise PluginFailed(plugin, call, "failed: it raised CancelledError") from None
     except Exception as exc:
         raise PluginFailed(plugin, call, f"failed: {type(exc).__name__}: {str(exc)[:300]}") from exc
+
+
+def _checked_health(value: Any) -> Health:
+    """What health() returned, as a Health with a real state and a short string message."""
+    if not isinstance(value, Health) or not isinstance(value.state, HealthState):
+        return Health(HealthState.DOWN, f"health() returned {value!r:.100}, not a Health with a HealthState")
+    return Health(value.state, str(value.message)[:MAX_MESSAGE])
 
 
 def clean_models(value: Any) -> dict[str, list[str]]:
@@ -133,9 +157,7 @@ class PluggedConnector:
         if not self.started:
             return
         try:
-            health = await guard(self.name, "health()", self.connector.health(), timeout_s)
-            if not isinstance(health, Health):
-                health = Health(HealthState.DOWN, f"health() returned {type(health).__name__}, not Health")
+            health = _checked_health(await guard(self.name, "health()", self.connector.health(), timeout_s))
         except PluginFailed as exc:
             health = Health(HealthState.DOWN, f"health() {exc.detail}")
         if self.health.can_claim and not health.can_claim:

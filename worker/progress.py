@@ -10,7 +10,7 @@ import math
 import time
 from collections.abc import Awaitable, Callable
 
-from worker.errors import EmpWorkerError, StaleJob
+from worker.errors import StaleJob
 from worker.queue import ProgressUpdate
 
 log = logging.getLogger(__name__)
@@ -64,8 +64,8 @@ class ProgressReporter:
             self.sent_count += 1
         except StaleJob as exc:
             self._on_stale(str(exc))
-        except EmpWorkerError as exc:  # Redis trouble: progress is best effort, completion is not
-            log.warning("progress update not recorded: %s", exc)
+        except Exception as exc:  # Redis trouble, a refused value: progress is best effort, completion is not
+            log.warning("progress update not recorded: %s: %s", type(exc).__name__, exc)
         self._throttle.sent(time.monotonic())
 
     async def _loop(self) -> None:
