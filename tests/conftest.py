@@ -22,6 +22,10 @@ from worker.hardware import Gpu
 from worker.keys import Keys
 from worker.settings import Settings, load_settings
 
+# A third-party plugin package with tests of its own: installed and run by
+# tests/connectors/test_third_party_plugin.py, never imported from here.
+collect_ignore = ["plugins"]
+
 
 @pytest.fixture(scope="session")
 def redis_url() -> Iterator[str]:

@@ -93,11 +93,13 @@ async def run_slots(workers: list[Worker]) -> None:
 
 async def run_daemon(settings: Settings, *, embedded: bool = False, gpu_index: int | None = None) -> None:
     setup_logging(settings.log_level, settings.log_format)
+    plugins = Plugins()
+    plugins.classes_for(settings.connector_names)  # unknown, doubled or misconfigured: stop before anything else
     reader, error = open_reader(settings.fake_gpus)
     try:
         hardware = discover_with(reader, error)
         slots = plan_slots(settings, hardware, gpu_index)
-        await _run(settings, embedded, hardware, slots, reader)
+        await _run(settings, embedded, hardware, slots, reader, plugins)
     finally:
         if reader is not None:
             reader.close()
@@ -115,9 +117,7 @@ def slot_worker(settings: Settings, client: aioredis.Redis, plugins: Plugins, ha
 
 
 async def _run(settings: Settings, embedded: bool, hardware: Hardware, slots: list[Slot],
-               reader: GpuReader | None) -> None:
-    plugins = Plugins()
-    plugins.classes_for(settings.connector_names)  # an unknown connector stops start-up before Redis
+               reader: GpuReader | None, plugins: Plugins) -> None:
     with _redis_url(settings, embedded) as url:
         log.info("connecting to %s: %d slot(s): %s", redact_url(url), len(slots),
                  ", ".join(f"{s.worker_id} ({s.gpu.name}, {s.gpu.memory_total_gb:g} GB)" if s.gpu
