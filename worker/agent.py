@@ -241,6 +241,8 @@ class Worker:
             if job_id in self.running:
                 log.warning("job %s is no longer held by %s; stopping it", job_id, self.worker_id)
                 self.running[job_id].stop(StopReason.LEASE_LOST)
+        if beat.models_missing:
+            self._models_dirty = True  # the next refresh writes them again
         if beat.promoted or beat.reaped:
             self.wake.set()
 

@@ -84,6 +84,7 @@ class Beat:
     promoted: int
     lost: list[str]
     reaped: int = 0
+    models_missing: bool = False  # the record lost its emp_models (e.g. deleted): set them again
 
 
 def eta_iso(eta_s: float | None) -> str:
@@ -206,7 +207,7 @@ class Queue:
             self._options,
         )
         lost = [j for j in str(reply[2]).split(",") if j]
-        return Beat(int(reply[0]), int(reply[1]), lost, int(reply[3]))
+        return Beat(int(reply[0]), int(reply[1]), lost, int(reply[3]), bool(int(reply[4])))
 
     async def reconcile(self) -> tuple[int, int]:
         reply = await self._run("reconcile", self._options)

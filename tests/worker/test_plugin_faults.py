@@ -231,3 +231,17 @@ async def test_health_and_models_fail_separately(client: Client, start_worker: W
 
 async def _has_problem(client: Client, worker_id: str, text: str) -> bool:
     return any(text in p for w in await client.workers() if w.worker_id == worker_id for p in w.problems)
+
+
+async def test_models_come_back_when_the_worker_record_is_deleted(
+    client: Client, start_worker: WorkerFactory
+) -> None:
+    Flaky.health_fails, Flaky.models_fail = False, False
+    await start_worker("wiped", connectors="flaky", plugins=[FlakyPlugin()])
+    key = client.keys.worker("wiped")
+    assert json.loads(await client.redis.hget(key, "emp_models")) == {"flaky": ["sdxl"]}
+    await client.redis.delete(key)  # e.g. emp-job-queue's API cleaning worker records at start-up
+    await wait_until(lambda: client.redis.hexists(key, "emp_models"), within_s=10)
+    job_id = await client.submit("flaky", {}, requirements={"models": ["sdxl"]})
+    await wait_until(lambda: _final(client, job_id), within_s=10)
+    assert (await _job(client, job_id))["status"] == "completed"

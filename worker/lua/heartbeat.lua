@@ -15,7 +15,8 @@
 --       models the worker has loaded ('' to leave them as they are),
 --       8 options JSON: lease_ms, max_per_beat (jobs to promote/reap per beat at most),
 --         reap_period_ms, retention_s, stream_maxlen.
--- Returns {leases renewed, jobs promoted, lost job ids (comma list), jobs reaped}.
+-- Returns {leases renewed, jobs promoted, lost job ids (comma list), jobs reaped,
+--          1 when the record has no emp_models (deleted by someone else: write them again) else 0}.
 
 local worker = ARGV[2]
 local ms = now_ms()
@@ -24,6 +25,7 @@ local opts = cjson.decode(ARGV[8])
 local limit, retention, maxlen = tonumber(opts['max_per_beat']), tonumber(opts['retention_s']),
   tonumber(opts['stream_maxlen'])
 local wk = K('@WORKER@' .. worker)
+local models_missing = redis.call('HEXISTS', wk, '@MODELS_FIELD@') == 0 and 1 or 0
 redis.call('SET', K('@WORKER@' .. worker .. '@HEARTBEAT_SUFFIX@'), at, 'EX', tonumber(ARGV[3]))
 redis.call('SADD', K('@WORKERS_ACTIVE@'), worker)
 for f, v in pairs(cjson.decode(ARGV[5])) do redis.call('HSET', wk, f, tostring(v)) end
@@ -89,4 +91,4 @@ if redis.call('SET', K('@REAPER_LOCK@'), worker, 'NX', 'PX', tonumber(opts['reap
     end
   end
 end
-return {renewed, promoted, table.concat(lost, ','), reaped}
+return {renewed, promoted, table.concat(lost, ','), reaped, models_missing}
