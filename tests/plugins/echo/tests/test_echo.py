@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from emp_echo import EchoConnector
 
-from connectors import PermanentJobError
-from connectors.testing import WorkerFactory, make_connector, make_job, run_job
+from connectors import JobCancelled, PermanentJobError, StopReason
+from connectors.testing import FakeJobContext, WorkerFactory, make_connector, make_job, run_job
 
 
 async def test_echo_returns_its_text_greeting_and_output() -> None:
@@ -21,6 +23,16 @@ async def test_echo_returns_its_text_greeting_and_output() -> None:
 async def test_a_payload_without_text_is_a_permanent_error() -> None:
     with pytest.raises(PermanentJobError, match="'text'"):
         await run_job(make_connector(EchoConnector), make_job("echo", {}))
+
+
+async def test_a_cancelled_job_stops_in_the_engine_work_and_hands_over_nothing() -> None:
+    connector = make_connector(EchoConnector, env={"EMP_ECHO_DELAY_S": "30"})
+    job = make_job("echo", {"text": "ping"})
+    ctx = FakeJobContext(job)
+    async with asyncio.timeout(10):  # a connector that ignored the cancel would run its 30 s
+        with pytest.raises(JobCancelled):
+            await run_job(connector, job, ctx, cancel_after=lambda c: bool(c.updates))
+    assert ctx.stop_reason is StopReason.CANCELLED and ctx.outputs == []
 
 
 async def test_echo_through_a_real_worker(emp_worker: WorkerFactory) -> None:
