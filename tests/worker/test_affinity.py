@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Any
 
 import redis.asyncio as aioredis
 
-from tests.conftest import wait_until
+from tests.conftest import beat_idle, wait_until
 from worker.client import Client
 from worker.keys import Keys
 from worker.queue import Claimed, Deferred, Queue, QueueConfig
@@ -17,12 +16,6 @@ from worker.queue import Claimed, Deferred, Queue, QueueConfig
 def caps(loaded: list[str] | None = None, **extra: Any) -> dict[str, Any]:
     return {"services": ["simulation"], "hardware": {"gpu_memory_gb": 24}, "customer_access": {},
             "custom": {}, "models": {"simulation": ["flux", "sdxl"]}, "loaded": loaded or [], **extra}
-
-
-async def _beat(queue: Queue, worker: str, capabilities: dict[str, Any]) -> None:
-    """Register a live, idle worker the way the agent does (its claim capabilities in emp_caps)."""
-    fields = {"emp_caps": json.dumps(capabilities), "max_concurrent_jobs": "1"}
-    await queue.heartbeat(worker, "idle", fields, 30, {}, capabilities["loaded"])
 
 
 async def test_equal_priority_prefers_loaded_models_but_never_over_priority(
@@ -53,7 +46,7 @@ async def test_fresh_job_is_left_to_an_idle_holder_then_taken_after_the_window(
     client: Client, redis: aioredis.Redis, keys: Keys
 ) -> None:
     queue = Queue(redis, keys, QueueConfig(affinity_ms=400))
-    await _beat(queue, "holder", caps(["flux"]))
+    await beat_idle(queue, "holder", caps(["flux"]))
     job_id = await client.submit("simulation", {}, requirements={"models": ["flux"]})
     got = await queue.claim_or_defer("other", caps([]))
     assert isinstance(got, Deferred) and 0 < got.retry_in_ms <= 400
@@ -76,13 +69,13 @@ async def test_a_busy_dead_or_unsuitable_holder_does_not_delay_the_job(
 ) -> None:
     queue = Queue(redis, keys, QueueConfig(affinity_ms=60_000))
     # busy: its one slot holds a job
-    await _beat(queue, "busy-holder", caps(["flux"]))
+    await beat_idle(queue, "busy-holder", caps(["flux"]))
     await client.submit("simulation", {}, priority=99)
     assert await queue.claim("busy-holder", caps(["flux"])) is not None
     # unsuitable: holds flux but cannot run the job's class (too little VRAM)
-    await _beat(queue, "small-holder", caps(["flux"], hardware={"gpu_memory_gb": 8}))
+    await beat_idle(queue, "small-holder", caps(["flux"], hardware={"gpu_memory_gb": 8}))
     # dead: its heartbeat key is gone
-    await _beat(queue, "dead-holder", caps(["flux"]))
+    await beat_idle(queue, "dead-holder", caps(["flux"]))
     await redis.delete(keys.heartbeat("dead-holder"))
     job_id = await client.submit("simulation", {}, requirements={"models": ["flux"], "hardware": {"gpu_memory_gb": 16}})
     got = await queue.claim_or_defer("other", caps([]))
@@ -123,12 +116,12 @@ async def test_workflow_restricted_worker_takes_only_its_workflow_without_head_o
 
 async def test_a_dead_workers_loaded_models_are_forgotten(client: Client, redis: aioredis.Redis, keys: Keys) -> None:
     queue = Queue(redis, keys, QueueConfig(reap_period_ms=10))
-    await _beat(queue, "ghost", caps(["flux"]))
+    await beat_idle(queue, "ghost", caps(["flux"]))
     assert await redis.smembers(keys.loaded("flux")) == {"ghost"}
     await redis.delete(keys.heartbeat("ghost"))  # it died without deregistering
 
     async def forgotten() -> bool:
-        await _beat(queue, "survivor", caps([]))  # a live worker's beat runs the reaper
+        await beat_idle(queue, "survivor", caps([]))  # a live worker's beat runs the reaper
         return not await redis.sismember(keys.loaded("flux"), "ghost")
 
     await wait_until(forgotten, within_s=5, interval=0.02)
@@ -152,7 +145,7 @@ async def test_a_huge_models_list_skips_the_affinity_hand_off(
     many = [f"m{i}" for i in range(40)]
     holder = caps(many)
     holder["models"] = {"simulation": many}
-    await _beat(queue, "holder", holder)
+    await beat_idle(queue, "holder", holder)
     job_id = await client.submit("simulation", {}, requirements={"models": many})
     other = caps()
     other["models"] = {"simulation": many}

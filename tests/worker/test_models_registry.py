@@ -9,6 +9,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
+from tests.conftest import beat_idle
 from worker.client import Client
 from worker.keys import MODELS_FIELD, Keys
 from worker.queue import Deferred, Queue, QueueConfig
@@ -17,12 +18,6 @@ from worker.queue import Deferred, Queue, QueueConfig
 def caps_without_models(loaded: list[str] | None = None) -> dict[str, Any]:
     return {"services": ["simulation"], "hardware": {"gpu_memory_gb": 24}, "customer_access": {},
             "custom": {}, "loaded": loaded or []}
-
-
-async def _beat(queue: Queue, worker: str, capabilities: dict[str, Any]) -> None:
-    """Register a live, idle worker the way the agent does (its claim capabilities in emp_caps)."""
-    fields = {"emp_caps": json.dumps(capabilities), "max_concurrent_jobs": "1"}
-    await queue.heartbeat(worker, "idle", fields, 30, {}, capabilities["loaded"])
 
 
 async def test_claim_matches_the_models_stored_with_set_models(
@@ -118,7 +113,7 @@ async def test_affinity_sees_an_idle_holder_whose_models_are_stored(
     client: Client, redis: aioredis.Redis, keys: Keys
 ) -> None:
     queue = Queue(redis, keys, QueueConfig(affinity_ms=5000))
-    await _beat(queue, "holder", caps_without_models(["flux"]))  # flux loaded, models not in its caps
+    await beat_idle(queue, "holder", caps_without_models(["flux"]))  # flux loaded, models not in its caps
     job_id = await client.submit("simulation", {}, requirements={"models": ["flux"]})
     await queue.set_models("other", {"simulation": ["flux"]})
     # the holder's stored models do not include flux: it cannot run the job, so nothing is deferred
@@ -134,11 +129,11 @@ async def test_affinity_sees_an_idle_holder_whose_models_are_stored(
 
 async def test_live_capabilities_merge_the_stored_models(client: Client, redis: aioredis.Redis, keys: Keys) -> None:
     queue = Queue(redis, keys, QueueConfig())
-    await _beat(queue, "stored", caps_without_models())
+    await beat_idle(queue, "stored", caps_without_models())
     await queue.set_models("stored", {"simulation": ["flux"]})
-    await _beat(queue, "inline", {**caps_without_models(), "models": {"simulation": ["sdxl"]}})
+    await beat_idle(queue, "inline", {**caps_without_models(), "models": {"simulation": ["sdxl"]}})
     await queue.set_models("inline", {"simulation": ["ignored"]})  # caps that carry models keep them
-    await _beat(queue, "none", caps_without_models())
+    await beat_idle(queue, "none", caps_without_models())
     live = await client.live_capabilities()
     assert live["stored"]["models"] == {"simulation": ["flux"]}
     assert live["inline"]["models"] == {"simulation": ["sdxl"]}
@@ -155,6 +150,6 @@ async def test_a_heartbeat_keeps_the_worker_record_and_its_stored_models(
     queue = Queue(redis, keys, QueueConfig())
     await queue.set_models("w", {"simulation": ["flux"]})
     await redis.expire(keys.worker("w"), 60)  # as a past deregistration or offline mark leaves it
-    await _beat(queue, "w", caps_without_models())
+    await beat_idle(queue, "w", caps_without_models())
     assert await redis.ttl(keys.worker("w")) == -1
     assert await redis.hget(keys.worker("w"), MODELS_FIELD) is not None
