@@ -75,10 +75,8 @@ class Plugins:
             try:
                 result = impl.function(*[kwargs[name] for name in impl.argnames])
             except Exception as exc:
-                message = f"plugin {impl.plugin_name}: {hook_name} failed: {type(exc).__name__}: {str(exc)[:300]}"
-                if self.problems.get(key) != message:
-                    log.error("%s; its contribution is skipped", message)
-                self.problems[key] = message
+                self._problem(key, f"plugin {impl.plugin_name}: {hook_name} failed: {type(exc).__name__}: "
+                              f"{str(exc)[:300]}")
                 continue
             self.problems.pop(key, None)
             took = time.monotonic() - started
@@ -86,6 +84,12 @@ class Plugins:
                 log.warning("plugin %s: %s took %.2fs; hooks must not block", impl.plugin_name, hook_name, took)
             results.append((impl.plugin_name, result))
         return results
+
+    def _problem(self, key: str, message: str) -> None:
+        """Remember why a plugin's contribution was skipped; log it once per new message."""
+        if self.problems.get(key) != message:
+            log.error("%s; its contribution is skipped", message)
+        self.problems[key] = message
 
     def _dists(self) -> dict[int, tuple[str, str]]:
         found = {id(plugin): (dist.project_name, dist.version) for plugin, dist in self.pm.list_plugin_distinfo()}
@@ -108,9 +112,7 @@ class Plugins:
                 try:
                     _check_class(cls, plugin_name)
                 except ConfigError as exc:  # one plugin's bad class must not hide the others
-                    if self.problems.get(f"{plugin_name}.emp_connectors") != str(exc):
-                        log.error("%s; skipped", exc)
-                    self.problems[f"{plugin_name}.emp_connectors"] = str(exc)
+                    self._problem(f"{plugin_name}.emp_connectors", str(exc))
                     continue
                 infos.append(ConnectorInfo(cls.name, tuple(cls.service_types), plugin_name, package, version, cls))
         return sorted(infos, key=lambda i: (i.name, i.plugin))
@@ -168,10 +170,7 @@ class Plugins:
             problem = _capability_problem(part)
             key = f"{plugin_name}.emp_capabilities"
             if problem:
-                message = f"plugin {plugin_name}: emp_capabilities returned {problem}"
-                if self.problems.get(key) != message:
-                    log.error("%s; its contribution is skipped", message)
-                self.problems[key] = message
+                self._problem(key, f"plugin {plugin_name}: emp_capabilities returned {problem}")
             elif part:
                 extra.update(part)
         return extra

@@ -162,7 +162,8 @@ class Worker:
         await self._beat_until_registered()
         await self._set_state(WorkerState.IDLE)
         log.info("worker %s ready: services %s", self.worker_id, ", ".join(self.ads.all_services))
-        background = [asyncio.create_task(c) for c in (self._listen(), self._lease_loop(), self._refresh_loop())]
+        background = [asyncio.create_task(c) for c in (self._listen(), self._every_beat(self._beat, "heartbeat"),
+                                                           self._every_beat(self._refresh, "refresh"))]
         try:
             await self._claim_loop()
             await self._drain()
@@ -246,27 +247,19 @@ class Worker:
         if beat.promoted or beat.reaped:
             self.wake.set()
 
-    async def _lease_loop(self) -> None:
+    async def _every_beat(self, duty: Callable[[], Coroutine[Any, Any, None]], what: str) -> None:
+        """Run `duty` once per heartbeat interval (jittered) for ever; a failure is logged."""
         interval = self.settings.heartbeat_interval_s
         while True:
-            await asyncio.sleep(interval * random.uniform(0.9, 1.1))  # the heartbeat period
+            await asyncio.sleep(interval * random.uniform(0.9, 1.1))  # the period
             try:
-                await self._beat()
+                await duty()
             except RedisUnavailable as exc:
-                log.warning("heartbeat failed: %s", exc)
+                log.warning("%s failed: %s", what, exc)
             except Exception:
-                log.exception("heartbeat failed unexpectedly")
+                log.exception("%s failed unexpectedly", what)
 
     # --- refresh loop: engines, GPU, hooks ---------------------------------------------------------
-
-    async def _refresh_loop(self) -> None:
-        interval = self.settings.heartbeat_interval_s
-        while True:
-            await asyncio.sleep(interval * random.uniform(0.9, 1.1))  # the refresh period
-            try:
-                await self._refresh()
-            except Exception:
-                log.exception("refresh failed unexpectedly")
 
     async def _refresh(self) -> None:
         """Every engine's health and (when due) models, this slot's GPU and loaded models, all
