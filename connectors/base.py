@@ -37,6 +37,7 @@ import json
 import logging
 import math
 import re
+import tempfile
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
@@ -154,6 +155,7 @@ class JobContext:
         self.preview_max_bytes = preview_max_bytes
         self._report = report
         self._last_preview = -math.inf
+        self._temp_dir: tempfile.TemporaryDirectory[str] | None = None
 
     @property
     def cancel_reason(self) -> str:
@@ -229,6 +231,20 @@ class JobContext:
         self.outputs.append(output)
         return output
 
+    def temp_dir(self) -> Path:
+        """A directory of this job's own for files it produces (e.g. outputs fetched from the
+        engine, handed over with ``add_output(path=...)``); the worker deletes it once the job's
+        outcome is recorded."""
+        if self._temp_dir is None:
+            self._temp_dir = tempfile.TemporaryDirectory(prefix="emp-job-")
+        return Path(self._temp_dir.name)
+
+    def cleanup(self) -> None:
+        """Delete the job's temporary directory (the worker calls this after the outcome)."""
+        if self._temp_dir is not None:
+            self._temp_dir.cleanup()
+            self._temp_dir = None
+
     def cancel(self, reason: StopReason) -> None:
         if self.stop_reason is None:
             self.stop_reason = reason
@@ -244,8 +260,9 @@ class Connector(ABC):
 
     #: the name operators use in EMP_CONNECTORS / --connectors
     name: ClassVar[str]
-    #: the service_required values this connector runs
-    service_types: ClassVar[tuple[str, ...]]
+    #: the service_required values this connector runs (an instance's are ``services_for`` its
+    #: settings: the same, unless the connector's services are configured, as the REST connector's are)
+    service_types: tuple[str, ...]
     #: how many jobs one engine runs at once (None: as many as the slot's EMP_MAX_CONCURRENT_JOBS)
     max_concurrent_jobs: ClassVar[int | None] = None
     #: the connector's settings, read from EMP_<NAME>_* (see connectors/settings.py)
@@ -259,10 +276,17 @@ class Connector(ABC):
         self.config = config
         given = config.settings
         self.settings = given if isinstance(given, self.settings_class) else self.load_settings()
+        self.service_types = self.services_for(self.settings)
 
     @classmethod
     def env_prefix(cls) -> str:
         return cls.settings_prefix or "EMP_" + re.sub(r"[^A-Za-z0-9]", "_", cls.name).upper() + "_"
+
+    @classmethod
+    def services_for(cls, settings: ConnectorSettings) -> tuple[str, ...]:
+        """The services this connector runs with ``settings``: ``service_types``. A connector whose
+        services the operator configures (one per EMP_REST_SERVICES entry) overrides this."""
+        return tuple(cls.service_types)
 
     @classmethod
     def load_settings(cls) -> ConnectorSettings:

@@ -26,6 +26,13 @@ def emp_connectors() -> Sequence[type[Any]]:  # type: ignore[empty-body]
 
 
 @hookspec
+def emp_output_stores() -> Sequence[type[Any]]:  # type: ignore[empty-body]
+    """Called at start-up (and by ``emp-worker plugins``). Return the OutputStore subclasses this
+    plugin provides (see connectors/stores/__init__.py); each needs a unique ``name``, which
+    ``EMP_OUTPUT_STORE`` and a job's ``ctx.storage.provider`` use."""
+
+
+@hookspec
 def emp_capabilities(worker_id: str, capabilities: dict[str, Any]) -> dict[str, Any] | None:
     """Called by each slot's refresh loop (every heartbeat interval, never on the lease path)
     with the slot's capabilities. Return custom capability keys to add (e.g.

@@ -20,12 +20,14 @@ import pluggy
 from connectors import hookspecs, simulation
 from connectors.base import Connector, ConnectorConfig, Outcome
 from connectors.settings import ConnectorSettings
+from connectors.stores import OutputStore
+from connectors.stores import builtin as builtin_stores
 from worker import __version__
 from worker.errors import ConfigError
 
 log = logging.getLogger("emp.plugins")
 
-BUILTINS: tuple[object, ...] = (simulation,)
+BUILTINS: tuple[object, ...] = (simulation, builtin_stores)
 SLOW_HOOK_S = 0.1
 MAX_CAPABILITY_BYTES = 8192
 
@@ -160,6 +162,24 @@ class Plugins:
                 raise ConfigError(f"connector {cls.name!r} could not be created: {type(exc).__name__}: "
                                   f"{str(exc)[:300]}") from exc
         return instances
+
+    # --- output stores -------------------------------------------------------------------------
+
+    def store_classes(self) -> dict[str, type[OutputStore]]:
+        """Every output store by name and alias; ConfigError when two plugins claim one name."""
+        found: dict[str, type[OutputStore]] = {}
+        for plugin_name, batch in self._call_each("emp_output_stores"):
+            for cls in batch if isinstance(batch, list | tuple) else [batch]:
+                if not (isinstance(cls, type) and issubclass(cls, OutputStore) and cls.name):
+                    self._problem(f"{plugin_name}.emp_output_stores",
+                                  f"plugin {plugin_name}: emp_output_stores returned {cls!r}, not a named OutputStore")
+                    continue
+                for name in (cls.name, *cls.aliases):
+                    if found.get(name, cls) is not cls:
+                        raise ConfigError(f"output store {name!r} is provided twice ({found[name].__module__} and "
+                                          f"{cls.__module__}); uninstall one of them")
+                    found[name] = cls
+        return found
 
     # --- other hooks ---------------------------------------------------------------------------
 

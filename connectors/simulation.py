@@ -4,8 +4,10 @@ Each job sleeps through ``steps`` steps over ``duration_s`` seconds, reporting p
 returns ``output_bytes`` of deterministic output, or fails with probability ``failure_rate``.
 Defaults come from the environment (``EMP_SIM_DURATION_S``, ``EMP_SIM_STEPS``,
 ``EMP_SIM_FAILURE_RATE``, ``EMP_SIM_OUTPUT_BYTES``, ``EMP_SIM_SEED``); a job's payload overrides
-each (``duration_s``, ``steps``, ``failure_rate``, ``output_bytes``, ``seed``), and may force a
-failure with ``"fail": "permanent" | "retryable"``. The same seed and job id give the same run.
+each (``duration_s``, ``steps``, ``failure_rate``, ``output_bytes``, ``seed``), may force a
+failure with ``"fail": "permanent" | "retryable"``, and may ask for output files of a chosen
+size and type (``"outputs": [{"bytes": 5000000, "content_type": "image/png"}]``), handed to the
+worker's output handling like an engine's. The same seed and job id give the same run.
 
 ``EMP_SIM_MODELS`` lists the models it has; the models a job requires stay "loaded" afterwards
 (the ``EMP_SIM_MAX_LOADED`` most recent), which is what model affinity sees.
@@ -15,8 +17,10 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import mimetypes
 import random
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -31,6 +35,10 @@ from worker.protocol import Job
 MAX_DURATION_S = 3600.0
 MAX_STEPS = 10_000
 MAX_OUTPUT_BYTES = 16 * 1024 * 1024
+MAX_OUTPUTS = 16
+MAX_FILE_BYTES = 256 * 1024 * 1024
+IN_MEMORY_BYTES = 1024 * 1024  # larger simulated files are written to disk and handed over by path
+_SIGNATURES = {"image/png": b"\x89PNG\r\n\x1a\n", "image/jpeg": b"\xff\xd8\xff\xe0", "image/gif": b"GIF89a"}
 
 
 class SimulationSettings(ConnectorSettings):
@@ -45,6 +53,16 @@ class SimulationSettings(ConnectorSettings):
     max_loaded: int = Field(1, ge=0, le=64)  # how many stay "loaded" (least recently used go first)
 
 
+class SimulatedOutput(BaseModel):
+    """An output file to produce: ``{"bytes": 5000000, "content_type": "image/png"}``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    bytes: int = Field(ge=0, le=MAX_FILE_BYTES)
+    content_type: str = Field("application/octet-stream", pattern=r"^[\w.+-]+/[\w.+-]+$", max_length=100)
+    name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+
+
 class SimulationPayload(BaseModel):
     """A simulation job's payload; unknown keys are allowed (and ignored)."""
 
@@ -56,6 +74,7 @@ class SimulationPayload(BaseModel):
     output_bytes: int | None = Field(None, ge=0, le=MAX_OUTPUT_BYTES)
     seed: int | None = None
     fail: str | None = Field(None, pattern="^(permanent|retryable)$")
+    outputs: list[SimulatedOutput] = Field(default_factory=list, max_length=MAX_OUTPUTS)
 
 
 def _output(rng: random.Random, size: int) -> str:
@@ -116,7 +135,35 @@ class SimulationConnector(Connector):
             await asyncio.sleep(duration / steps)  # the simulated work itself
             ctx.progress((step + 1) * 100.0 / steps, f"step {step + 1}/{steps}",
                          step=step + 1, total_steps=steps)
+        for index, wanted in enumerate(spec.outputs):
+            await _emit(ctx, index, wanted, rng)
         return {"output": _output(rng, size), "steps": steps, "seed": seed}
+
+
+async def _emit(ctx: JobContext, index: int, wanted: SimulatedOutput, rng: random.Random) -> None:
+    """Produce one simulated output file: the type's signature, then deterministic bytes."""
+    head = _SIGNATURES.get(wanted.content_type, b"")[: wanted.bytes]
+    name = wanted.name or f"output-{index}{mimetypes.guess_extension(wanted.content_type) or '.bin'}"
+    if wanted.bytes <= IN_MEMORY_BYTES:
+        body = (_output(rng, wanted.bytes).encode() if wanted.content_type.startswith("text/")
+                else head + rng.randbytes(wanted.bytes - len(head)))
+        ctx.add_output(name, body, content_type=wanted.content_type)
+        return
+    path = ctx.temp_dir() / name
+    seed = rng.getrandbits(64)
+    await asyncio.to_thread(_write_file, path, head, wanted.bytes, seed)
+    ctx.add_output(name, path=path, content_type=wanted.content_type)
+
+
+def _write_file(path: Path, head: bytes, size: int, seed: int) -> None:
+    rng = random.Random(seed)
+    with path.open("wb") as sink:
+        sink.write(head)
+        left = size - len(head)
+        while left > 0:
+            chunk = min(left, IN_MEMORY_BYTES)
+            sink.write(rng.randbytes(chunk))
+            left -= chunk
 
 
 @hookimpl

@@ -8,6 +8,7 @@ import contextlib
 import json
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -26,6 +27,14 @@ from worker.settings import Settings, load_settings
 # A third-party plugin package with tests of its own: installed and run by
 # tests/connectors/test_third_party_plugin.py, never imported from here.
 collect_ignore = ["plugins"]
+
+
+@pytest.fixture(autouse=True)
+def output_dir(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Outputs of every test's workers (in-process or child processes) go to a directory of its own."""
+    path = tmp_path_factory.mktemp("outputs")
+    monkeypatch.setenv("EMP_OUTPUT_DIR", str(path))
+    return path
 
 
 @pytest.fixture(scope="session")

@@ -36,12 +36,14 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from connectors.base import Connector, Outcome, StopReason
 from connectors.manager import Plugins
+from connectors.stores import builtin as builtin_stores
 from worker.advertise import Advertiser
 from worker.errors import RedisUnavailable, StaleJob
 from worker.execution import STOP_WAIT_S, Executor, RunningJob, stop_all
 from worker.guard import PluggedConnector
 from worker.hardware import Gpu
 from worker.keys import Keys
+from worker.outputs import OutputPlacer
 from worker.protocol import utc_iso
 from worker.queue import Claimed, Deferred, Queue, QueueConfig
 from worker.retry import Backoff, wait_for_event
@@ -108,7 +110,8 @@ class Worker:
         self.plugins = plugins
         self.ads = Advertiser(settings, worker_id, self.engines, hardware=hardware, gpu=gpu,
                               host=host or {}, plugins=plugins)
-        self.executor = Executor(settings, self.queue, worker_id, self._sync_loaded)
+        self.outputs = OutputPlacer(settings, plugins.store_classes() if plugins else builtin_stores.by_name())
+        self.executor = Executor(settings, self.queue, worker_id, self._sync_loaded, self.outputs)
         self.gpu_probe = gpu_probe
         self.state = WorkerState.STARTING
         self.running: dict[str, RunningJob] = {}
@@ -173,6 +176,7 @@ class Worker:
             await asyncio.gather(*background, *self._starting.values(), return_exceptions=True)
             await self._deregister()
             await asyncio.gather(*(engine.stop() for engine in self.engines))
+            await self.outputs.close()
             await self._set_state(WorkerState.STOPPED)
             log.info("worker %s stopped", self.worker_id)
 

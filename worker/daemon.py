@@ -27,6 +27,7 @@ from worker.embedded import EmbeddedRedis
 from worker.errors import ConfigError
 from worker.hardware import Gpu, GpuReader, Hardware, discover_with, hardware_capabilities, open_reader
 from worker.logs import setup_logging
+from worker.outputs import OutputPlacer
 from worker.settings import Settings, redact_url
 
 log = logging.getLogger("emp.daemon")
@@ -95,6 +96,7 @@ async def run_daemon(settings: Settings, *, embedded: bool = False, gpu_index: i
     setup_logging(settings.log_level, settings.log_format)
     plugins = Plugins()
     plugins.classes_for(settings.connector_names)  # unknown, doubled or misconfigured: stop before anything else
+    OutputPlacer(settings, plugins.store_classes()).check()
     reader, error = open_reader(settings.fake_gpus)
     try:
         hardware = discover_with(reader, error)

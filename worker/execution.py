@@ -22,7 +22,7 @@ from typing import Any
 from connectors.base import JobCancelled, JobContext, Outcome, StopReason
 from worker.errors import InvalidJob, JobError, RedisUnavailable, StaleJob
 from worker.guard import INTERRUPT_TIMEOUT_S, PluggedConnector
-from worker.outputs import place_outputs
+from worker.outputs import OutputPlacer
 from worker.progress import ProgressReporter
 from worker.protocol import Job
 from worker.queue import Claimed, Queue
@@ -73,8 +73,9 @@ class Executor:
     """Runs the jobs of one slot; the slot's loops decide when."""
 
     def __init__(self, settings: Settings, queue: Queue, worker_id: str,
-                 on_finished: Callable[[], Awaitable[None]]) -> None:
+                 on_finished: Callable[[], Awaitable[None]], outputs: OutputPlacer) -> None:
         self.settings = settings
+        self.outputs = outputs
         self.queue = queue
         self.worker_id = worker_id
         self._on_finished = on_finished  # before the outcome frees the slot (loaded models)
@@ -98,7 +99,11 @@ class Executor:
             await self._on_finished()
         except Exception as exc:  # an optimisation (affinity): never let it cost the outcome
             log.warning("could not record loaded models: %s: %s", type(exc).__name__, exc)
-        return await self._record(job, running, result, error)
+        try:
+            return await self._record(job, running, result, error)
+        finally:
+            if running.ctx is not None:
+                await asyncio.to_thread(running.ctx.cleanup)
 
     async def _run_with_progress(
         self, engine: PluggedConnector, job: Job, running: RunningJob
@@ -161,10 +166,10 @@ class Executor:
                 log.info("job %s handed back to the queue", job.id)
                 return Outcome.HANDED_BACK
             return Outcome.DROPPED
-        if error is None and result is not None and running.ctx is not None and running.ctx.outputs:
+        if error is None and result is not None and running.ctx is not None:
             try:
-                result = await place_outputs(self.settings, job, running.ctx.outputs, result)
-            except JobError as exc:  # OutputError, or a permanent one (no store for a large output)
+                result = await self.outputs.place(job, running.ctx.outputs, result)
+            except JobError as exc:  # a store failed, or the job's storage request is wrong
                 error = exc
         if error is not None or result is None:
             message = str(error) if error is not None else "job stopped"

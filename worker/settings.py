@@ -89,8 +89,7 @@ class Settings(BaseSettings):
     progress_previews: bool = _env("progress_previews", False)
     preview_max_bytes: int = _env("preview_max_bytes", 256 * 1024, ge=1024, le=8 * 1024 * 1024)
     output_inline_bytes: int = _env("output_inline_bytes", 64 * 1024, ge=0, le=1024 * 1024)
-    output_dir: str = _env("output_dir", "")
-    output_base_url: str = _env("output_base_url", "")
+    output_store: str = _env("output_store", "local", pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = _env("log_level", "INFO")
     log_format: Literal["auto", "text", "json"] = _env("log_format", "auto")
 

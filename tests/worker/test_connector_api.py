@@ -168,13 +168,14 @@ async def test_a_connector_limit_is_per_connector_not_per_slot(client: Client, s
 
 
 async def test_outputs_inline_when_small_and_stored_when_large(
-    client: Client, start_worker: WorkerFactory, tmp_path: Path
+    client: Client, start_worker: WorkerFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     big = tmp_path / "big.bin"
     big.write_bytes(bytes(range(256)) * 1024)  # 256 KiB
     store = tmp_path / "store"
-    await start_worker("out", connectors="outputs", plugins=[ApiPlugin()], output_dir=str(store),
-                       output_base_url="https://cdn.example/out")
+    monkeypatch.setenv("EMP_OUTPUT_DIR", str(store))
+    monkeypatch.setenv("EMP_OUTPUT_BASE_URL", "https://cdn.example/out")
+    await start_worker("out", connectors="outputs", plugins=[ApiPlugin()])
     job_id = await client.submit("outputs", {"big_path": str(big)})
     await wait_until(lambda: _is(client, job_id, "completed", "failed"))
     job = await client.get(job_id)
@@ -182,23 +183,24 @@ async def test_outputs_inline_when_small_and_stored_when_large(
     small, large = result["outputs"]
     assert result["seed"] == 7
     assert small == {"name": "note.txt", "size_bytes": 10, "content_type": "text/plain", "text": "small note"}
-    name = f"{job_id}/1/001-big.bin"
+    name = f"{job_id}/001-big.bin"
     assert large == {"name": "big.bin", "size_bytes": 256 * 1024, "content_type": "application/octet-stream",
                      "url": f"https://cdn.example/out/{name}"}
     assert (store / name).read_bytes() == big.read_bytes()
     assert len(job["result"]) < 4096  # the large output is not in Redis
 
 
-async def test_a_large_output_without_a_store_fails_the_job_clearly(
+async def test_a_job_naming_a_store_this_worker_lacks_fails_clearly(
     client: Client, start_worker: WorkerFactory, tmp_path: Path
 ) -> None:
     big = tmp_path / "big.bin"
     big.write_bytes(b"x" * 100_000)
     await start_worker("nostore", connectors="outputs", plugins=[ApiPlugin()])
-    job_id = await client.submit("outputs", {"big_path": str(big)})
+    job_id = await client.submit("outputs", {"big_path": str(big)}, ctx={"storage": {"provider": "gcs"}})
     await wait_until(lambda: _is(client, job_id, "failed"))
     job = await client.get(job_id)
-    assert "no output store is configured (set EMP_OUTPUT_DIR)" in job["error"] and job["attempt"] == "1"
+    assert "ctx.storage.provider 'gcs' is not an output store on this worker" in job["error"]
+    assert job["attempt"] == "1"
 
 
 async def test_models_are_listed_once_per_ttl_not_every_beat(client: Client, start_worker: WorkerFactory) -> None:
