@@ -1,0 +1,81 @@
+"""``EMP_COMFYUI_*``: where each slot's ComfyUI listens, how to reach it, and how patient to be."""
+
+from __future__ import annotations
+
+from pydantic import Field, SecretStr, field_validator
+
+from connectors.settings import EngineSettings
+from worker.errors import ConfigError
+
+DEFAULT_MODEL_FOLDERS = "checkpoints,diffusion_models,unet,loras,vae,text_encoders,clip,controlnet,upscale_models"
+
+
+class ComfyUISettings(EngineSettings):
+    """Slot I talks to ``URL`` with its port + I * ``PORT_STEP``, or to the I-th of ``URLS``."""
+
+    url: str = "http://127.0.0.1:8188"
+    #: user:password for a ComfyUI behind a proxy with basic auth (never logged)
+    auth: SecretStr = SecretStr("")
+    #: bearer token for a ComfyUI behind an authenticating proxy (never logged)
+    token: SecretStr = SecretStr("")
+    #: verify TLS certificates of an https:// URL (false only for a self-signed test proxy)
+    tls_verify: bool = True
+    #: CA bundle file for an https:// URL signed by a private CA
+    ca_bundle: str = ""
+    connect_timeout_s: float = Field(5.0, gt=0, le=300)
+    #: longest a single HTTP answer may take (a busy ComfyUI answers slowly: pitfall 8)
+    request_timeout_s: float = Field(30.0, gt=0, le=3600)
+    #: no message about a running prompt for this long: check /queue and /history (never hang)
+    stall_s: float = Field(30.0, gt=0, le=86400)
+    #: while the socket is down (or the prompt was submitted on an earlier socket): poll this often
+    poll_s: float = Field(1.0, gt=0, le=600)
+    #: ComfyUI unreachable this long during a job: the job fails, retryable
+    unreachable_s: float = Field(5.0, gt=0, le=3600)
+    #: an empty /history after the prompt ended is asked again this many times (pitfall 2)
+    history_retries: int = Field(6, ge=0, le=100)
+    #: run the valid part of a workflow ComfyUI accepted with node_errors (pitfall 10)
+    allow_partial: bool = False
+    #: ask ComfyUI for previews with their prompt id (PREVIEW_IMAGE_WITH_METADATA)
+    preview_metadata: bool = True
+    max_input_image_bytes: int = Field(50 * 1024 * 1024, gt=0, le=1024 * 1024 * 1024)
+    #: hosts input image URLs may come from (comma list; empty: URLs refused, only inline data)
+    input_hosts: str = ""
+    max_output_bytes: int = Field(4 * 1024 * 1024 * 1024, gt=0)
+    #: folders listed by models() (GET /models/<folder>)
+    model_folders: str = DEFAULT_MODEL_FOLDERS
+    #: where fetched outputs wait for the worker (default: the system's temp folder)
+    work_dir: str = ""
+    #: supervise ComfyUI: the command that starts it ({port} is the slot's port), in DIR
+    command: str = ""
+    dir: str = ""
+    #: where the supervised ComfyUI's log goes (default: DIR/emp-comfyui-<port>.log)
+    log_dir: str = ""
+    #: longest wait between restarts of a supervised ComfyUI that keeps dying
+    restart_max_s: float = Field(60.0, gt=0, le=3600)
+
+    @field_validator("command")
+    @classmethod
+    def _check_command(cls, value: str) -> str:
+        if value and "{port}" not in value:
+            raise ValueError("must contain {port}, replaced by each slot's port (e.g. python main.py --port {port})")
+        return value
+
+    def basic_auth(self) -> tuple[str, str] | None:
+        raw = self.auth.get_secret_value()
+        if not raw:
+            return None
+        user, colon, password = raw.partition(":")
+        if not colon or not user:  # checked here, not by pydantic, whose message would show the value
+            raise ConfigError("EMP_COMFYUI_AUTH must be user:password (the value is not shown)")
+        if self.bearer():
+            raise ConfigError("EMP_COMFYUI_AUTH and EMP_COMFYUI_TOKEN are both set: configure one of them")
+        return user, password
+
+    def bearer(self) -> str | None:
+        return self.token.get_secret_value() or None
+
+    def allowed_input_hosts(self) -> frozenset[str]:
+        return frozenset(h.strip().lower() for h in self.input_hosts.split(",") if h.strip())
+
+    def folders(self) -> list[str]:
+        return [f.strip() for f in self.model_folders.split(",") if f.strip()]
