@@ -21,6 +21,7 @@ from connectors.base import (
 from connectors.hookspecs import hookimpl
 from connectors.http import HttpEngine, StreamedResponse, error_for_status
 from connectors.settings import ConnectorSettings, EngineSettings, slot_url
+from connectors.stores import OutputStore, Stored, StoreError, Upload
 from worker.errors import ConfigError, JobError, PermanentJobError, RetryableJobError
 from worker.protocol import Job
 
@@ -40,10 +41,14 @@ __all__ = [
     "JobResult",
     "Outcome",
     "Output",
+    "OutputStore",
     "PermanentJobError",
     "RetryableJobError",
     "StopReason",
+    "StoreError",
+    "Stored",
     "StreamedResponse",
+    "Upload",
     "error_for_status",
     "hookimpl",
     "slot_url",

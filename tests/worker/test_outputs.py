@@ -5,15 +5,16 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 import redis.asyncio as aioredis
 
+from connectors import hookimpl
 from connectors.base import Output
-from connectors.stores import StoreError, Upload, prefix_of
+from connectors.stores import OutputStore, Stored, StoreError, Upload, prefix_of
 from connectors.stores.http_put import HttpPutSettings, HttpPutStore
 from connectors.testing import make_job
 from tests.conftest import WorkerFactory, wait_until
@@ -223,3 +224,50 @@ async def test_a_small_image_is_never_inlined(client: Client, start_worker: Work
     assert image["url"].endswith("small-image/000-output-0.png") and "data_base64" not in image
     assert "data_base64" in raw and "url" not in raw  # small and not media: inline
     assert "text" in note and (output_dir / "small-image" / "000-output-0.png").stat().st_size == 100
+
+
+class MemoryStore(OutputStore):
+    """A plugin's store: keeps objects in memory and fails the way a broken store would."""
+
+    name = "memory"
+    objects: ClassVar[dict[str, bytes]] = {}
+
+    def secrets(self) -> Sequence[str]:
+        return ["hunter2"]
+
+    async def put(self, upload: Upload) -> Stored:
+        if upload.storage.get("break") == "short":
+            return Stored("mem://short", upload.size_bytes - 1)
+        if upload.storage.get("break") == "raise":
+            raise StoreError("connection to memory://admin:hunter2@store reset")
+        data = b"".join([chunk async for chunk in upload.chunks(4096)])
+        MemoryStore.objects[upload.key] = data
+        return Stored(f"mem://{upload.key}", len(data), {"etag": "e1"})
+
+
+class StorePlugin:
+    @hookimpl
+    def emp_output_stores(self) -> list[type[OutputStore]]:
+        return [MemoryStore]
+
+
+async def test_a_plugin_store_is_chosen_by_the_jobs_provider_and_its_failures_are_clear(
+    client: Client, start_worker: WorkerFactory,
+) -> None:
+    await start_worker("plugin-store", connectors="simulation", plugins=[StorePlugin()])
+    outputs = [{"bytes": 200_000, "content_type": "video/mp4", "name": "clip.mp4"}]
+    ok = await client.submit("simulation", {"duration_s": 0, "steps": 1, "outputs": outputs}, job_id="mem-ok",
+                             ctx={"storage": {"provider": "memory"}})
+    short = await client.submit("simulation", {"duration_s": 0, "steps": 1, "outputs": outputs}, max_retries=1,
+                                ctx={"storage": {"provider": "memory", "break": "short"}})
+    broken = await client.submit("simulation", {"duration_s": 0, "steps": 1, "outputs": outputs}, max_retries=1,
+                                 ctx={"storage": {"provider": "memory", "break": "raise"}})
+    ok_job, short_job, broken_job = [await _final(client, j) for j in (ok, short, broken)]
+    assert ok_job["status"] == "completed", ok_job.get("error")
+    assert json.loads(ok_job["result"])["outputs"] == [{"name": "clip.mp4", "size_bytes": 200_000,
+                                                        "content_type": "video/mp4", "url": "mem://mem-ok/000-clip.mp4",
+                                                        "etag": "e1"}]
+    assert len(MemoryStore.objects["mem-ok/000-clip.mp4"]) == 200_000
+    assert short_job["status"] == "failed" and "holds 199999 of its 200000 bytes" in short_job["error"]
+    assert broken_job["status"] == "failed" and "memory store failed 3 times" in broken_job["error"]
+    assert "hunter2" not in broken_job["error"] and "***" in broken_job["error"]
