@@ -413,6 +413,22 @@ class HttpEngine:
         except JobError as exc:
             return False, str(exc)
 
+    def error_for_answer(self, status: int, body: bytes, content_type: str, request: str) -> JobError:
+        """The JobError for a non-2xx answer (``body``: at most 64 KiB of it; ``request``: e.g.
+        ``"POST /prompt"``). The default is :func:`error_for_status`; a connector whose engine has
+        its own error format overrides this in a subclass, passing any text it takes from the
+        body through :meth:`redact`."""
+        return error_for_status(self.name, status, body, content_type, request=request, secrets=self._secrets)
+
+    def error_for_response(self, response: httpx.Response, body: bytes, request: str) -> JobError:
+        """The JobError for a non-2xx ``response`` when its headers matter too (``Retry-After``,
+        ``Location``); the default is :meth:`error_for_answer`."""
+        return self.error_for_answer(response.status_code, body, response.headers.get("Content-Type", ""), request)
+
+    def redact(self, text: str) -> str:
+        """``text`` with every configured token and password replaced by ``***``."""
+        return _redact(text, self._secrets)
+
     # -- internals ------------------------------------------------------------------------------
 
     @asynccontextmanager
@@ -485,8 +501,7 @@ class HttpEngine:
                 body += chunk
                 if len(body) >= ERROR_BODY_BYTES:
                     break
-        return error_for_status(self.name, response.status_code, bytes(body[:ERROR_BODY_BYTES]),
-                                response.headers.get("Content-Type", ""), request=what, secrets=self._secrets)
+        return self.error_for_response(response, bytes(body[:ERROR_BODY_BYTES]), what)
 
     def _json_of(self, response: httpx.Response) -> Any:
         if not response.content:

@@ -1,0 +1,48 @@
+"""EMP_A1111_*: where each slot's A1111 listens, its credentials, timeouts and input rules."""
+
+from __future__ import annotations
+
+from pydantic import Field, SecretStr
+
+from connectors.settings import EngineSettings
+from worker.errors import ConfigError
+
+MIB = 1024 * 1024
+
+
+class A1111Settings(EngineSettings):
+    """Per slot: ``URL`` + ``PORT_STEP`` (slot I uses port + I * step) or ``URLS`` (slot I uses
+    the I-th entry); ``AUTH`` is A1111's ``--api-auth`` pair ``user:pass``."""
+
+    url: str = "http://127.0.0.1:7860"  # --api with the UI; a --nowebui server listens on 7861
+    auth: SecretStr = SecretStr("")
+    #: one generation request: A1111 answers when the whole job is done (after any queued ones)
+    timeout_s: float = Field(3600.0, gt=0, le=7 * 86400)
+    connect_timeout_s: float = Field(5.0, gt=0, le=300)
+    #: progress, interrupt, models and options calls
+    request_timeout_s: float = Field(10.0, gt=0, le=300)
+    connect_retries: int = Field(3, ge=0, le=20)
+    progress_interval_s: float = Field(0.5, ge=0.05, le=60)
+    #: progress unanswered this long while a generation runs: the engine is gone (retryable)
+    stall_s: float = Field(30.0, gt=0, le=3600)
+    max_response_bytes: int = Field(512 * MIB, gt=0)
+    #: hosts whose http(s) URLs a job may give as inputs (comma list; "*.example.com" for a domain)
+    input_hosts: str = Field("", max_length=4096)
+    max_input_bytes: int = Field(32 * MIB, gt=0, le=1024 * MIB)
+    #: true: A1111 reloads its own checkpoint after a job that asked for another one
+    restore_checkpoint: bool = False
+
+    def credentials(self) -> tuple[str, str] | None:
+        """``(user, password)`` from AUTH, None when unset; ConfigError (never showing it) when
+        it is not ``user:pass``."""
+        value = self.auth.get_secret_value()
+        if not value:
+            return None
+        user, sep, password = value.partition(":")
+        if not sep or not user:
+            raise ConfigError("EMP_A1111_AUTH must be user:pass (the pair given to A1111's --api-auth); "
+                              "the value set is not (it is not shown)")
+        return user, password
+
+    def allowed_input_hosts(self) -> tuple[str, ...]:
+        return tuple(h.strip().lower() for h in self.input_hosts.split(",") if h.strip())
