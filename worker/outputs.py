@@ -72,8 +72,6 @@ def object_name(job: Job, index: int, output: Output) -> str:
 
 
 def _head(output: Output) -> bytes:
-    if output.data is not None:
-        return output.data[:16]
     with open(str(output.path), "rb") as source:
         return source.read(16)
 
@@ -175,14 +173,14 @@ class OutputPlacer:
         for index, output in enumerate([*outputs, *embedded]):
             try:
                 size = output.size_bytes
-                sniffed = sniff(await asyncio.to_thread(_head, output))
+                sniffed = sniff(output.data[:16] if output.data is not None else await asyncio.to_thread(_head, output))
             except OSError as exc:
                 raise RetryableJobError(f"output {output.name!r}: cannot read {output.path}: {exc}") from exc
             if sniffed and output.content_type == "application/octet-stream":
                 output = dataclasses.replace(output, content_type=sniffed)
             media = sniffed is not None or output.content_type.startswith(_MEDIA_TYPES)
             if size <= self.settings.output_inline_bytes and not media and index < len(outputs):
-                placed.append(await asyncio.to_thread(_inline, output))
+                placed.append(_inline(output) if output.data is not None else await asyncio.to_thread(_inline, output))
                 continue
             store = store or self.store_for(job)
             key = prefix_of(job.ctx) + object_name(job, index, output)
