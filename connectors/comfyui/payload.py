@@ -72,6 +72,8 @@ def _pick_workflow(payload: Mapping[str, Any]) -> Mapping[str, Any]:
             if not isinstance(value, Mapping):
                 raise _bad(f"{key} must be an object of nodes, not {type(value).__name__}")
             return value
+    if is_ui_format(payload):
+        return payload  # refused by parse_workflow, saying how to export the API format
     # the payload itself is the graph; scalar keys beside the nodes (metadata) are not nodes
     return {k: v for k, v in payload.items() if k not in _PAYLOAD_KEYS and isinstance(v, Mapping)}
 
