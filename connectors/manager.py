@@ -17,7 +17,7 @@ from typing import Any
 
 import pluggy
 
-from connectors import hookspecs, simulation
+from connectors import hookspecs, rest, simulation
 from connectors.base import Connector, ConnectorConfig, Outcome
 from connectors.settings import ConnectorSettings
 from connectors.stores import OutputStore
@@ -27,7 +27,7 @@ from worker.errors import ConfigError
 
 log = logging.getLogger("emp.plugins")
 
-BUILTINS: tuple[object, ...] = (simulation, builtin_stores)
+BUILTINS: tuple[object, ...] = (simulation, rest, builtin_stores)
 SLOW_HOOK_S = 0.1
 MAX_CAPABILITY_BYTES = 8192
 
@@ -134,22 +134,22 @@ class Plugins:
         if unknown:
             raise ConfigError(f"EMP_CONNECTORS={selected!r}: unknown connector {unknown[0]!r}; "
                               f"available: {', '.join(sorted(by_name))}")
-        owner: dict[str, str] = {}
         for name in names:
             infos = by_name[name]
             if len(infos) > 1:
                 where = " and ".join(f"{i.plugin} ({i.package})" for i in infos)
                 raise ConfigError(f"EMP_CONNECTORS={selected!r}: connector {name!r} is provided twice, by {where}; "
                                   "uninstall one of them")
-            for service in infos[0].services:
-                if service in owner and owner[service] != name:
-                    raise ConfigError(f"EMP_CONNECTORS={selected!r}: connectors {owner[service]!r} and {name!r} "
-                                      f"both run service {service!r}; a service needs exactly one connector")
-                owner[service] = name
         classes = [by_name[n][0].cls for n in names]
+        owner: dict[str, str] = {}
         for cls in classes:
             if cls not in self._settings:
                 self._settings[cls] = cls.load_settings()  # a bad EMP_<NAME>_* stops start-up here
+            for service in cls.services_for(self._settings[cls]):  # configured services count too
+                if service in owner and owner[service] != cls.name:
+                    raise ConfigError(f"EMP_CONNECTORS={selected!r}: connectors {owner[service]!r} and {cls.name!r} "
+                                      f"both run service {service!r}; a service needs exactly one connector")
+                owner[service] = cls.name
         return classes
 
     def create_connectors(self, names: Sequence[str], config: ConnectorConfig) -> list[Connector]:

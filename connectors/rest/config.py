@@ -238,7 +238,7 @@ def parse_services(raw: str, env: Mapping[str, str]) -> dict[str, Service]:
     if not text:
         raise ConfigError(f"{SERVICES_VAR} is not set: configure at least one service, e.g. "
                           f'{SERVICES_VAR}=\'{{"my-service": {{"base_url": "http://127.0.0.1:9000"}}}}\'')
-    if text.startswith("{"):
+    if text.startswith(("{", "[")):
         entries = _json_entries(text)
         labels: dict[str, Callable[[str], str]] = {name: _json_label(name) for name in entries}
     else:
@@ -327,10 +327,11 @@ def _service(name: str, data: dict[str, Any], label: Callable[[str], str], env: 
 
 def _shown(where: str, value: Any) -> str:
     """The offending value, when it is a plain one and cannot be a secret (headers never shown)."""
-    if where.startswith("headers") or not isinstance(value, str | int | float | bool) or isinstance(value, dict):
+    if where.startswith("headers") or not isinstance(value, str | int | float | bool):
         return ""
-    text = redact_url(value) if isinstance(value, str) and "://" in value else value
-    return f"={str(text)[:100]!r}"
+    if isinstance(value, str):
+        return f"={(redact_url(value) if '://' in value else value)[:100]!r}"
+    return f"={value!r}"
 
 
 def _with_credentials(name: str, spec: RestService, label: Callable[[str], str], env: Mapping[str, str]) -> Service:

@@ -67,7 +67,11 @@ def parse_request(payload: Mapping[str, Any], spec: RestService) -> RestRequest:
     headers = job_headers(payload.get("headers"), spec)
     if method == "GET":
         return RestRequest(method, url, endpoint, params=_params(data), headers=headers)
-    if data is not None and len(json.dumps(data, allow_nan=False)) > MAX_REQUEST_BYTES:
+    try:
+        size = len(json.dumps(data, allow_nan=False))
+    except (TypeError, ValueError) as exc:
+        raise BadRequest(f"the request's data is not plain JSON ({exc})") from None
+    if size > MAX_REQUEST_BYTES:
         raise BadRequest(f"the request's data is over {MAX_REQUEST_BYTES} bytes of JSON")
     return RestRequest(method, url, endpoint, json=data, headers=headers)
 
