@@ -48,7 +48,7 @@ ERROR_TEXT_CHARS = 300
 class RestConnector(Connector):
     name = "rest"
     #: a placeholder shown by ``emp-worker plugins``: an instance runs the services its settings name
-    service_types = ("<EMP_REST_SERVICES>",)
+    service_types: tuple[str, ...] = ("<EMP_REST_SERVICES>",)
     settings_class = RestSettings
     settings: RestSettings
 

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 from aiohttp import web
+from multidict import CIMultiDict
 
 from connectors.rest import RestConnector
 from connectors.testing import make_connector
@@ -21,7 +22,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 class Received:
     method: str
     path: str  # with the query string
-    headers: dict[str, str]
+    headers: CIMultiDict[str]  # names case-insensitive, as HTTP has them
     body: bytes
 
     def json(self) -> Any:
@@ -57,7 +58,8 @@ class FakeService:
         return [r for r in self.received if r.path.split("?")[0] == path]
 
     async def _dispatch(self, request: web.Request) -> web.StreamResponse:
-        self.received.append(Received(request.method, request.path_qs, dict(request.headers), await request.read()))
+        body = await request.read()
+        self.received.append(Received(request.method, request.path_qs, CIMultiDict(request.headers), body))
         handler = self.routes.get((request.method, request.path))
         if handler is None:
             return web.json_response({"error": f"no route {request.method} {request.path}"}, status=404)
