@@ -51,6 +51,8 @@ class FakeA1111:
         self.requests: list[tuple[str, str]] = []  # (method, path) of every request
         self.interrupts = 0
         self.option_posts: list[dict[str, Any]] = []
+        self.progress_answers = asyncio.Event()  # cleared: a hung engine, /sdapi/v1/progress answers nothing
+        self.progress_answers.set()
         self.port = 0
         self._server: asyncio.base_events.Server | None = None
         self._runner: web.AppRunner | None = None
@@ -73,6 +75,8 @@ class FakeA1111:
         return self
 
     async def close(self) -> None:
+        self.engine.killed = True  # running generations end at their next step
+        self.progress_answers.set()
         if self._server is not None:
             self._server.close()
         if self._runner is not None:
@@ -221,6 +225,7 @@ class FakeA1111:
     # -- progress and control -------------------------------------------------------------------
 
     async def _progress(self, request: web.Request) -> web.Response:
+        await self.progress_answers.wait()
         skip = request.query.get("skip_current_image", "false").lower() in ("true", "1", "yes", "on")
         return _json(200, self.engine.state.progress(skip))
 
