@@ -158,7 +158,7 @@ class PromptTracker:
         if tick is not None and tick[1] > 1 and node not in self.finished:
             value, top = int(tick[0]), int(tick[1])
             return Snapshot(percent, f"{title} {value}/{top}", value, top, self._eta(node, now), data)
-        position = min(self.total, len(self.cached | self.finished) + 1)
+        position = min(self.total, len((self.cached | self.finished) - {node}) + 1)
         return Snapshot(percent, f"{title} (node {position}/{self.total})", data=data)
 
     def _eta(self, node: str, now: float) -> float | None:

@@ -32,6 +32,10 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidStatus, WebSocketException
 
 log = logging.getLogger("emp.comfyui.ws")
+# websockets logs the handshake's headers (the Authorization header with them) at DEBUG: its own
+# logger for our connections never goes below INFO, whatever the root level
+_protocol_log = logging.getLogger("emp.comfyui.ws.protocol")
+_protocol_log.setLevel(logging.INFO)
 
 DISCONNECTED = "_disconnected"
 RECONNECTED = "_reconnected"
@@ -261,7 +265,7 @@ class ComfySocket:
             ssl_arg.check_hostname, ssl_arg.verify_mode = False, ssl.CERT_NONE
         async with connect(url, additional_headers=self._headers, open_timeout=self._open_timeout_s,
                            max_size=self._max_frame, proxy=None, compression=None, ssl=ssl_arg,
-                           user_agent_header="emp-worker") as conn:
+                           user_agent_header="emp-worker", logger=_protocol_log) as conn:
             if self._preview_metadata:
                 await conn.send(json.dumps({"type": "feature_flags", "data": {"supports_preview_metadata": True}}))
             await self._await_status(conn)
