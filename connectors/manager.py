@@ -17,7 +17,7 @@ from typing import Any
 
 import pluggy
 
-from connectors import a1111, hookspecs, rest, simulation
+from connectors import a1111, comfyui, hookspecs, rest, simulation
 from connectors.base import Connector, ConnectorConfig, Outcome
 from connectors.settings import ConnectorSettings
 from connectors.stores import OutputStore
@@ -27,7 +27,7 @@ from worker.errors import ConfigError
 
 log = logging.getLogger("emp.plugins")
 
-BUILTINS: tuple[object, ...] = (simulation, rest, a1111, builtin_stores)
+BUILTINS: tuple[object, ...] = (simulation, rest, a1111, comfyui, builtin_stores)
 SLOW_HOOK_S = 0.1
 MAX_CAPABILITY_BYTES = 8192
 
