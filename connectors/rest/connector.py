@@ -58,17 +58,15 @@ class RestConnector(Connector):
             raise ConfigError("the rest connector needs RestSettings")
         return tuple(settings.configured)
 
-    def __init__(self, config: ConnectorConfig, *, transport: httpx.AsyncBaseTransport | None = None) -> None:
+    def __init__(self, config: ConnectorConfig) -> None:
         super().__init__(config)
-        self._transport = transport  # tests only
         self._engines: dict[str, RestEngine] = {}
         self._tasks: dict[str, tuple[str, str]] = {}  # job id -> (service, task id) of running async jobs
 
     async def start(self) -> None:
         for name, service in self.settings.configured.items():
             if name not in self._engines:
-                self._engines[name] = RestEngine(service, max_response_bytes=self.settings.max_response_bytes,
-                                                 transport=self._transport)
+                self._engines[name] = RestEngine(service, max_response_bytes=self.settings.max_response_bytes)
 
     async def stop(self) -> None:
         engines, self._engines = list(self._engines.values()), {}
@@ -207,6 +205,7 @@ class RestConnector(Connector):
             except RetryableJobError as exc:
                 errors += 1
                 if errors > spec.max_poll_errors:
+                    await self._cancel_task(engine, task_id)  # a retry submits it again: leave no orphan
                     raise
                 log.warning("%s (poll error %d of %d tolerated)", exc, errors, spec.max_poll_errors)
                 document = None

@@ -14,11 +14,12 @@ from email.utils import parsedate_to_datetime
 
 import httpx
 
-from connectors.http import CREDENTIAL_STATUSES, HttpEngine, body_excerpt, error_for_status
+from connectors.http import CREDENTIAL_STATUSES, HttpEngine, body_excerpt, connect_backoff_s, error_for_status
 from connectors.rest.config import Service
 from worker.errors import JobError, PermanentJobError, RetryableJobError
 
 CONNECT_RETRIES = 2
+RETRY_BACKOFF_S = 0.5
 MAX_RETRY_AFTER_S = 24 * 3600.0  # a larger Retry-After is read as this
 
 
@@ -53,22 +54,24 @@ def retry_after_s(value: str | None, now: datetime | None = None) -> float | Non
 
 
 def total_deadline_s(service: Service) -> float:
-    """The bound of one whole request: connect attempts (with backoff) plus the answer's timeout."""
+    """The bound of one whole request, however slowly its answer trickles in: every connect attempt
+    with the longest backoff between them, plus ``timeout_s`` for the answer."""
     spec = service.spec
-    return spec.timeout_s + (CONNECT_RETRIES + 1) * spec.connect_timeout_s + CONNECT_RETRIES * 5.0
+    backoff = sum(connect_backoff_s(retry, RETRY_BACKOFF_S, 1.0) for retry in range(CONNECT_RETRIES))
+    return spec.timeout_s + (CONNECT_RETRIES + 1) * spec.connect_timeout_s + backoff
 
 
 class RestEngine(HttpEngine):
     """An HttpEngine for one configured service."""
 
-    def __init__(self, service: Service, *, max_response_bytes: int,
-                 transport: httpx.AsyncBaseTransport | None = None) -> None:
+    def __init__(self, service: Service, *, max_response_bytes: int) -> None:
         spec = service.spec
         super().__init__(
             spec.base_url, name=f"REST service {service.name!r}",
             timeout=httpx.Timeout(spec.timeout_s, connect=spec.connect_timeout_s),
-            connect_retries=CONNECT_RETRIES, auth=service.basic, token=service.token, headers=spec.headers,
-            verify=spec.verify_tls, transport=transport, max_response_bytes=max_response_bytes,
+            connect_retries=CONNECT_RETRIES, retry_backoff_s=RETRY_BACKOFF_S, auth=service.basic,
+            token=service.token, headers=spec.headers,
+            verify=spec.verify_tls, max_response_bytes=max_response_bytes,
         )
         self.service = service
 

@@ -170,6 +170,24 @@ async def test_a_slow_service_times_out_retryable(service: FakeService, rest_con
     release.set()
 
 
+async def test_an_answer_that_trickles_in_is_cut_at_the_whole_request_deadline(
+        service: FakeService, rest_connector: ConnectorFactory) -> None:
+    async def drip(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "application/json"})
+        await response.prepare(request)
+        for _ in range(300):  # a byte every 0.1s: never idle long enough for a read timeout
+            await response.write(b" ")
+            await asyncio.sleep(0.1)
+        return response
+
+    service.route("POST", "/api/drip", drip)
+    connector = await rest_connector(sync_env(service, timeout_s=1, connect_timeout_s=0.2))
+    started = time.monotonic()
+    with pytest.raises(RetryableJobError, match=r"did not answer POST /drip within 3\.1s"):
+        await _run(connector, {"endpoint": "/drip"})
+    assert 3 <= time.monotonic() - started < 10
+
+
 async def test_credentials_are_sent_and_never_shown(service: FakeService, rest_connector: ConnectorFactory,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     async def echo_auth(request: web.Request) -> web.Response:
@@ -344,9 +362,12 @@ async def test_transient_poll_errors_are_tolerated_up_to_a_limit(
     assert result["data"] == "ok"
     service.reply("POST", "/api/jobs", {"id": "t-7"})
     service.reply("GET", "/api/jobs/t-7", {"error": "gateway"}, status=502)
+    service.reply("POST", "/api/jobs/t-7/cancel", {})
+    connector = await rest_connector(async_env(service, max_poll_errors=2, cancel_path="/jobs/{task_id}/cancel"))
     with pytest.raises(ServiceBusy, match="answered 502"):
         await run_job(connector, make_job("video", {}))
-    assert len(service.seen("/api/jobs/t-7")) == 3
+    assert len(service.seen("/api/jobs/t-7")) == 3  # then it gives up, and cancels the task it leaves behind
+    assert len(service.seen("/api/jobs/t-7/cancel")) == 1
 
 
 @pytest.mark.parametrize("task_id", ["../../admin", "a/b", "http://evil.example/"])
