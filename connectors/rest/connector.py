@@ -250,9 +250,13 @@ def _json_or_missing(body: bytes, content_type: str) -> Any:
     if "json" not in content_type and not (not content_type and body.lstrip()[:1] in (b"{", b"[")):
         return _NOT_JSON
     try:
-        return json.loads(body)
+        return json.loads(body, parse_constant=_no_constant)  # NaN/Infinity could not be stored as JSON
     except (ValueError, RecursionError):
         return _NOT_JSON
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
 
 
 def _json_answer(engine: RestEngine, response: httpx.Response) -> Any:

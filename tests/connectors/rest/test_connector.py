@@ -69,6 +69,17 @@ async def test_a_non_json_answer_becomes_an_output(service: FakeService, rest_co
     assert (output.name, output.content_type, output.data) == ("response.png", "image/png", PNG)
 
 
+async def test_json_with_nan_is_kept_as_an_output_not_a_result(
+        service: FakeService, rest_connector: ConnectorFactory) -> None:
+    async def nan(request: web.Request) -> web.Response:
+        return web.Response(body=b'{"score": NaN}', content_type="application/json")
+
+    service.route("POST", "/api/score", nan)
+    connector = await rest_connector(sync_env(service))
+    result, ctx = await _run(connector, {"endpoint": "/score"})
+    assert result["output"] == "response.json" and ctx.outputs[0].data == b'{"score": NaN}'
+
+
 async def test_a_json_answer_over_the_result_limit_becomes_an_output(
         service: FakeService, rest_connector: ConnectorFactory) -> None:
     big = {"items": ["x" * 100] * 100}
