@@ -205,7 +205,7 @@ class RestSettings(ConnectorSettings):
 
     services: str = ""  # EMP_REST_SERVICES: JSON object, or a comma list of EMP_REST_<SERVICE>_* blocks
     max_response_bytes: int = Field(16 * 1024 * 1024, gt=0, le=1024**3)  # a bigger answer fails the job
-    max_result_bytes: int = Field(256 * 1024, gt=0, le=16 * 1024 * 1024)  # bigger JSON becomes an output
+    max_result_bytes: int = Field(64 * 1024, gt=0, le=16 * 1024 * 1024)  # bigger JSON becomes an output
     _configured: dict[str, Service] = PrivateAttr(default_factory=dict)
 
     @model_validator(mode="after")
