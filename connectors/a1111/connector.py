@@ -30,6 +30,8 @@ log = logging.getLogger("emp.connector.a1111")
 
 PROGRESS_PATH = "/sdapi/v1/progress"
 HEALTH_PATH = "/sdapi/v1/progress?skip_current_image=true"
+INTERRUPT_WAIT_S = 3.0  # within the worker's 5 s for interrupt()
+INTERRUPT_CHECK_S = 0.1
 
 
 class A1111Connector(Connector):
@@ -81,10 +83,22 @@ class A1111Connector(Connector):
         return request.advertised(self._listing, title) or [title]
 
     async def interrupt(self, job: Job, reason: StopReason) -> None:
-        if job.id not in self._generating:  # not at A1111 (yet or any more): nothing of it to stop
-            return
-        await self.control.post_json("/sdapi/v1/interrupt", None)
-        log.info("asked A1111 at %s to interrupt job %s (%s)", self.http.base_url, job.id, reason.value)
+        """POST /sdapi/v1/interrupt, again if A1111 had not begun the job yet (its begin() clears
+        the flag), until the job's request has its answer or INTERRUPT_WAIT_S have passed."""
+        deadline = time.monotonic() + INTERRUPT_WAIT_S
+        timeout = min(self.settings.request_timeout_s, INTERRUPT_WAIT_S)
+        sent = False
+        while job.id in self._generating and time.monotonic() < deadline:  # else nothing of it runs there
+            if not sent or await self._running_uninterrupted(timeout):
+                await self.control.post_json("/sdapi/v1/interrupt", None, timeout=timeout)
+                log.info("asked A1111 at %s to interrupt job %s (%s)", self.http.base_url, job.id, reason.value)
+                sent = True
+            await asyncio.sleep(INTERRUPT_CHECK_S)  # until the generation request returns
+
+    async def _running_uninterrupted(self, timeout: float) -> bool:  # noqa: ASYNC109
+        reply = await self.control.get_json(PROGRESS_PATH, params={"skip_current_image": "true"}, timeout=timeout)
+        state = reply.get("state") if isinstance(reply, dict) else None
+        return isinstance(state, dict) and (state.get("job_count") or 0) > 0 and state.get("interrupted") is False
 
     # -- a job ----------------------------------------------------------------------------------
 
@@ -92,7 +106,7 @@ class A1111Connector(Connector):
         endpoint, body = request.request_body(job.payload)
         body = await self._with_checkpoint(body, job)
         s = self.settings
-        body = await request.inline_inputs(body, s.allowed_input_hosts(), s.max_input_bytes, s.request_timeout_s * 6)
+        body = await request.inline_inputs(body, s.allowed_input_hosts(), s.max_input_bytes, s.input_timeout_s)
         ctx.raise_if_cancelled()
         ctx.progress(0, f"sent to A1111 ({endpoint})")
         reply = await self._generate(job, ctx, endpoint, body)

@@ -29,6 +29,7 @@ class A1111Settings(EngineSettings):
     #: hosts whose http(s) URLs a job may give as inputs (comma list; "*.example.com" for a domain)
     input_hosts: str = Field("", max_length=4096)
     max_input_bytes: int = Field(32 * MIB, gt=0, le=1024 * MIB)
+    input_timeout_s: float = Field(60.0, gt=0, le=3600)
     #: true: A1111 reloads its own checkpoint after a job that asked for another one
     restore_checkpoint: bool = False
 

@@ -10,6 +10,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import httpx
 import pytest
 from aiohttp import web
 
@@ -110,6 +111,21 @@ async def test_cancel_interrupts_a1111_and_never_returns_a_result(fake: FakeA111
     await wait_until(lambda: bool(fake.engine.generations) and fake.engine.generations[0].done)
     [generation] = fake.engine.generations
     assert generation.interrupted and generation.steps_done < 2000
+
+
+async def test_an_interrupt_before_a1111_began_the_job_is_repeated(fake: FakeA1111, connector: A1111Connector) -> None:
+    """A1111's begin() clears the interrupt flag: a job still waiting for the lock (here behind
+    another client's) would run in full after an interrupt sent too early."""
+    fake.engine.step_s = 0.01
+    async with httpx.AsyncClient(base_url=fake.url, timeout=60) as other:
+        first = asyncio.create_task(other.post("/sdapi/v1/txt2img", json=small(steps=300)))
+        await wait_until(lambda: fake.engine.state.sampling_step >= 1)
+        with pytest.raises(JobCancelled):
+            await run_job(connector, make_job("a1111", small(steps=2000)),
+                          cancel_after=lambda ctx: len(fake.engine.generations) == 2)
+        assert (await first).status_code == 200
+    ours = fake.engine.generations[1]
+    assert ours.done and ours.interrupted and ours.steps_done < 2000 and fake.interrupts >= 2
 
 
 async def test_a_partial_answer_is_not_a_success_even_unasked(fake: FakeA1111, connector: A1111Connector) -> None:
