@@ -40,6 +40,10 @@ class Behaviour:
     step_delay_s: float = 0.001
     node_delay_s: float = 0.0
     node_delays: dict[str, float] = field(default_factory=dict)
+    # between a prompt being queued on an idle server and the worker taking it (real: a few ms)
+    pickup_delay_s: float = 0.0
+    # between execution_start and execution_cached (the real server checks its caches there; ~10 ms on CPU)
+    start_delay_s: float = 0.0
     # pitfall 1: the POST /prompt response is held this long after the prompt was queued (WS messages come first)
     prompt_response_delay_s: float = 0.0
     # pitfall 2: the history entry is written this long after execution_success/error/interrupted was sent

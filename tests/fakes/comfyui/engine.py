@@ -138,6 +138,8 @@ class Engine:
                 self._idle.set()
                 self._wake.clear()
                 await self._wake.wait()
+                if self.behaviour.pickup_delay_s:
+                    await asyncio.sleep(self.behaviour.pickup_delay_s)
                 continue
             _, _, item = heapq.heappop(self.pending)
             self.running = item
@@ -157,6 +159,8 @@ class Engine:
                         lambda: self.interrupted, self.holds, self._on_node)
         start = {"prompt_id": item.prompt_id, "timestamp": now_ms()}
         run.to_client("execution_start", start)
+        if self.behaviour.start_delay_s:
+            await asyncio.sleep(self.behaviour.start_delay_s)
         self._prune_cache(run)
         cached_msg = {"nodes": [n for n in item.graph if run.cached(n)], "prompt_id": item.prompt_id,
                       "timestamp": now_ms()}

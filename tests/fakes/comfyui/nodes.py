@@ -85,7 +85,7 @@ class NodeSpec:
     output_names: tuple[str, ...] | None = None
     output_node: bool = False
     run: Run | None = None
-    display_name: str | None = None
+    display_name: str | None = ""  # "" = the class name; None is sent as null (V3 nodes such as ImageBlur)
     category: str = "fake"
     description: str = ""
     python_module: str = "nodes"
@@ -112,7 +112,7 @@ class NodeSpec:
         info = {
             "input": inputs, "input_order": order, "output": list(self.outputs),
             "output_is_list": [False] * len(self.outputs), "output_name": list(names), "name": self.name,
-            "display_name": self.name if self.display_name is None else self.display_name,
+            "display_name": self.name if self.display_name == "" else self.display_name,
             "description": self.description, "python_module": self.python_module, "category": self.category,
             "output_node": self.output_node,
         }
@@ -122,8 +122,22 @@ class NodeSpec:
 
 INT_WH = {"default": 512, "min": 1, "max": 16384, "step": 1}
 PNG_HIDDEN = {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO"}
-SAMPLERS = ["euler", "euler_ancestral", "heun", "dpm_2", "lms", "dpmpp_2m", "dpmpp_sde", "ddim", "uni_pc"]
-SCHEDULERS = ["simple", "sgm_uniform", "karras", "exponential", "ddim_uniform", "beta", "normal"]
+SAMPLERS = [
+    "euler", "euler_cfg_pp", "euler_ancestral", "euler_ancestral_cfg_pp", "heun", "heunpp2", "dpm_2", "dpm_2_ancestral",
+    "lms", "dpm_fast", "dpm_adaptive", "dpmpp_2s_ancestral", "dpmpp_2s_ancestral_cfg_pp", "dpmpp_sde", "dpmpp_sde_gpu",
+    "dpmpp_2m", "dpmpp_2m_cfg_pp", "dpmpp_2m_sde", "dpmpp_2m_sde_gpu", "dpmpp_2m_sde_heun", "dpmpp_2m_sde_heun_gpu",
+    "dpmpp_3m_sde", "dpmpp_3m_sde_gpu", "ddpm", "lcm", "ipndm", "ipndm_v", "deis", "res_multistep",
+    "res_multistep_cfg_pp", "res_multistep_ancestral", "res_multistep_ancestral_cfg_pp", "gradient_estimation",
+    "gradient_estimation_cfg_pp", "er_sde", "seeds_2", "seeds_3", "sa_solver", "sa_solver_pece", "ddim", "uni_pc",
+    "uni_pc_bh2",
+]
+SCHEDULERS = ["simple", "sgm_uniform", "karras", "exponential", "ddim_uniform", "beta", "normal", "linear_quadratic",
+              "kl_optimal"]
+
+
+def tip(text: str, **options: Any) -> dict[str, Any]:
+    """Input options with the tooltip last, as /object_info lists them."""
+    return {**options, "tooltip": text}
 
 
 def _images(value: Any) -> Image:
@@ -257,11 +271,17 @@ def _checkpoint_names(ctx: NodeContext) -> dict[str, list[str]]:
 
 
 _SAMPLER_INPUTS: dict[str, list[Any]] = {
-    "model": ["MODEL"], "seed": ["INT", {"default": 0, "min": 0, "max": 18446744073709551615}],
-    "steps": ["INT", {"default": 20, "min": 1, "max": 10000}],
-    "cfg": ["FLOAT", {"default": 8.0, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01}],
-    "sampler_name": [SAMPLERS, {}], "scheduler": [SCHEDULERS, {}],
-    "positive": ["CONDITIONING"], "negative": ["CONDITIONING"], "latent_image": ["LATENT"],
+    "model": ["MODEL", tip("The model used for denoising the input latent.")],
+    "seed": ["INT", tip("The random seed used for creating the noise.", default=0, min=0, max=18446744073709551615,
+                        control_after_generate=True)],
+    "steps": ["INT", tip("The number of steps used in the denoising process.", default=20, min=1, max=10000)],
+    "cfg": ["FLOAT", tip("The Classifier-Free Guidance scale balances creativity and adherence to the prompt.",
+                         default=8.0, min=0.0, max=100.0, step=0.1, round=0.01)],
+    "sampler_name": [SAMPLERS, tip("The algorithm used when sampling.")],
+    "scheduler": [SCHEDULERS, tip("The scheduler controls how noise is gradually removed to form the image.")],
+    "positive": ["CONDITIONING", tip("The conditioning describing the attributes you want to include in the image.")],
+    "negative": ["CONDITIONING", tip("The conditioning describing the attributes you want to exclude from the image.")],
+    "latent_image": ["LATENT", tip("The latent image to denoise.")],
 }
 
 BUILTIN_NODES: tuple[NodeSpec, ...] = (
@@ -290,7 +310,9 @@ BUILTIN_NODES: tuple[NodeSpec, ...] = (
              description="Returns width and height of the image, and passes it through unchanged."),
     NodeSpec("SaveImage", {
         "images": ["IMAGE", {"tooltip": "The images to save."}],
-        "filename_prefix": ["STRING", {"default": "ComfyUI", "tooltip": "The prefix for the file to save."}],
+        "filename_prefix": ["STRING", tip("The prefix for the file to save. This may include formatting information "
+                                          "such as %date:yyyy-MM-dd% or %Empty Latent Image.width% to include values "
+                                          "from nodes.", default="ComfyUI")],
     }, output_node=True, run=_save, display_name="Save Image", hidden=dict(PNG_HIDDEN), category="image",
         description="Saves the input images to your ComfyUI output directory."),
     NodeSpec("PreviewImage", {"images": ["IMAGE"]}, output_node=True, run=_preview, display_name="Preview Image",
@@ -301,24 +323,41 @@ BUILTIN_NODES: tuple[NodeSpec, ...] = (
     NodeSpec("LoadImage", {"image": [[], {"image_upload": True}]}, ("IMAGE", "MASK"), run=_load_image,
              display_name="Load Image", category="image", choices=_input_files,
              custom_validation=_image_file_exists, custom_inputs=("image",)),
-    NodeSpec("CheckpointLoaderSimple", {"ckpt_name": [[], {"tooltip": "The name of the checkpoint (model) to load."}]},
+    NodeSpec("CheckpointLoaderSimple", {"ckpt_name": [[], tip("The name of the checkpoint (model) to load.")]},
              ("MODEL", "CLIP", "VAE"), run=_checkpoint, display_name="Load Checkpoint", category="loaders",
-             choices=_checkpoint_names),
-    NodeSpec("CLIPTextEncode", {"text": ["STRING", {"multiline": True, "dynamicPrompts": True}], "clip": ["CLIP"]},
-             ("CONDITIONING",), run=_encode, display_name="CLIP Text Encode (Prompt)", category="conditioning"),
+             choices=_checkpoint_names,
+             description="Loads a diffusion model checkpoint, diffusion models are used to denoise latents.",
+             extra={"output_tooltips": ["The model used for denoising latents.", "The CLIP model used for encoding "
+                                        "text prompts.", "The VAE model used for encoding and decoding images to and "
+                                        "from latent space."]}),
+    NodeSpec("CLIPTextEncode", {
+        "text": ["STRING", tip("The text to be encoded.", multiline=True, dynamicPrompts=True)],
+        "clip": ["CLIP", tip("The CLIP model used for encoding the text.")],
+    }, ("CONDITIONING",), run=_encode, display_name="CLIP Text Encode (Prompt)", category="conditioning",
+        description="Encodes a text prompt using a CLIP model into an embedding that can be used to guide the "
+                    "diffusion model towards generating specific images.",
+        extra={"output_tooltips": ["A conditioning containing the embedded text used to guide the diffusion model."]}),
     NodeSpec("EmptyLatentImage", {
-        "width": ["INT", {"default": 512, "min": 16, "max": 16384, "step": 8}],
-        "height": ["INT", {"default": 512, "min": 16, "max": 16384, "step": 8}],
-        "batch_size": ["INT", {"default": 1, "min": 1, "max": 4096}],
-    }, ("LATENT",), run=_latent, display_name="Empty Latent Image", category="latent"),
-    NodeSpec("KSampler", {**_SAMPLER_INPUTS, "denoise": ["FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0}]},
-             ("LATENT",), run=_sampler, category="sampling"),
+        "width": ["INT", tip("The width of the latent images in pixels.", default=512, min=16, max=16384, step=8)],
+        "height": ["INT", tip("The height of the latent images in pixels.", default=512, min=16, max=16384, step=8)],
+        "batch_size": ["INT", tip("The number of latent images in the batch.", default=1, min=1, max=4096)],
+    }, ("LATENT",), run=_latent, display_name="Empty Latent Image", category="latent",
+        description="Create a new batch of empty latent images to be denoised via sampling.",
+        extra={"output_tooltips": ["The empty latent image batch."]}),
+    NodeSpec("KSampler", {**_SAMPLER_INPUTS, "denoise": ["FLOAT", tip(
+        "The amount of denoising applied.", default=1.0, min=0.0, max=1.0, step=0.01)]},
+        ("LATENT",), run=_sampler, category="sampling",
+        description="Uses the provided model, positive and negative conditioning to denoise the latent image.",
+        extra={"output_tooltips": ["The denoised latent."]}),
     NodeSpec("KSamplerAdvanced", {
         **_SAMPLER_INPUTS, "start_at_step": ["INT", {"default": 0, "min": 0, "max": 10000}],
         "end_at_step": ["INT", {"default": 10000, "min": 0, "max": 10000}],
     }, ("LATENT",), run=_sampler, display_name="KSampler (Advanced)", category="sampling"),
-    NodeSpec("VAEDecode", {"samples": ["LATENT"], "vae": ["VAE"]}, ("IMAGE",), run=_decode,
-             display_name="VAE Decode", category="latent"),
+    NodeSpec("VAEDecode", {"samples": ["LATENT", tip("The latent to be decoded.")],
+                           "vae": ["VAE", tip("The VAE model used for decoding the latent.")]},
+             ("IMAGE",), run=_decode, display_name="VAE Decode", category="latent",
+             description="Decodes latent images back into pixel space images.",
+             extra={"output_tooltips": ["The decoded image."]}),
     NodeSpec("SaveAnimatedWEBP", {
         "images": ["IMAGE"], "filename_prefix": ["STRING", {"default": "ComfyUI"}],
         "fps": ["FLOAT", {"default": 6.0, "min": 0.01, "max": 1000.0, "step": 0.01}],

@@ -70,7 +70,8 @@ class _Validator:
         inputs = self.graph[node_id].get("inputs") or {}
         valid = True
         for name, config in spec.required.items():
-            config = [dynamic[name], *config[1:]] if name in dynamic else config
+            # errors echo the config as [type, options], options {} when the definition has none
+            config = [dynamic.get(name, config[0]), config[1] if len(config) > 1 else {}]
             if name not in inputs:
                 self.add(node_id, "required_input_missing", "Required input is missing", name, {"input_name": name})
                 valid = False
