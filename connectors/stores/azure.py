@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import re
 from collections.abc import Sequence
 from typing import Any
-from urllib.parse import parse_qs, urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 from pydantic import Field, field_validator
 
@@ -112,7 +113,8 @@ class AzureStore(OutputStore):
         parts = _connection_parts(s.connection_string)
         found += [parts.get("accountkey", ""), parts.get("sharedaccesssignature", "")]
         for sas in (s.sas_token, parts.get("sharedaccesssignature", "")):
-            found += parse_qs(sas.lstrip("?")).get("sig", [])
+            signatures = re.findall(r"(?:^|&)sig=([^&]+)", sas.lstrip("?"))  # as sent, and as decoded
+            found += signatures + [unquote(sig) for sig in signatures]
         return sorted({v for v in found if v}, key=len, reverse=True)  # longest first: whole before parts
 
     async def put(self, upload: Upload) -> Stored:
@@ -168,22 +170,15 @@ class AzureStore(OutputStore):
         """An azure-core error as a StoreError with a readable message and no secret."""
         from azure.core.exceptions import AzureError, ClientAuthenticationError, HttpResponseError
 
-        retryable = True
+        retryable = True  # connection trouble, timeouts
         if isinstance(exc, HttpResponseError):
             status = int(exc.status_code or 0)
             found = getattr(exc, "error_code", None) or exc.reason or "?"
             code = str(getattr(found, "value", found))  # the SDK gives a StorageErrorCode enum when it knows it
             first = str(exc.message or "").strip().splitlines()[:1]
             message = f"Azure answered {status} {code}" + (f": {first[0]}" if first else "")
-            message += f" (container {container!r})"
-            if isinstance(exc, ClientAuthenticationError) or status in (401, 403):
-                message += "; check EMP_AZURE_CONNECTION_STRING / EMP_AZURE_ACCOUNT_KEY / EMP_AZURE_SAS_TOKEN"
-            elif code in PERMANENT_CODES:
-                retryable = False
-                if code == "ContainerNotFound":
-                    message += "; create the container or fix EMP_AZURE_CONTAINER / ctx.storage.bucket"
-            else:
-                retryable = code in TRANSIENT_CODES or status >= 500 or status in (408, 409, 412, 429) or status == 0
+            hint, retryable = verdict(401 if isinstance(exc, ClientAuthenticationError) else status, code)
+            message += f" (container {container!r}){hint}"
         elif isinstance(exc, AzureError):
             message = f"{type(exc).__name__}: {str(exc.message or exc).splitlines()[0]}"
         else:
@@ -194,3 +189,14 @@ class AzureStore(OutputStore):
         if self._service is not None:
             service, self._service = self._service, None
             await asyncio.to_thread(service.close)
+
+
+def verdict(status: int, code: str) -> tuple[str, bool]:
+    """What a Blob Storage error answer means: a hint for the message, and whether a later try may succeed."""
+    if status in (401, 403):
+        return "; check EMP_AZURE_CONNECTION_STRING / EMP_AZURE_ACCOUNT_KEY / EMP_AZURE_SAS_TOKEN", True
+    if code == "ContainerNotFound":
+        return "; create the container or fix EMP_AZURE_CONTAINER / ctx.storage.bucket", False
+    if code in PERMANENT_CODES:
+        return "", False
+    return "", code in TRANSIENT_CODES or status >= 500 or status in (408, 409, 412, 429) or status == 0

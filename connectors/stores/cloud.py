@@ -22,7 +22,7 @@ from connectors.stores import StoreError
 from worker.errors import ConfigError
 
 _HOST = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,62}\.)*[A-Za-z0-9-]{1,63}(:[0-9]{1,5})?$")
-_BASE_PATH = re.compile(r"^(/[A-Za-z0-9._~-]+)*/?$")
+_BASE_PATH = re.compile(r"^(/(?!\.+(?:/|$))[A-Za-z0-9._~-]+)*/?$")  # no "." or ".." segment
 MAX_NAME_CHARS = 255
 
 

@@ -179,8 +179,14 @@ def _client_error(exc: Any, bucket: str) -> tuple[str, bool]:
     status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
     text = str(error.get("Message") or "").splitlines()[0:1]
     message = f"S3 answered {status} {code}" + (f": {text[0]}" if text else "") + f" (bucket {bucket!r})"
+    hint, retryable = verdict(status, code)
+    return message + hint, retryable
+
+
+def verdict(status: int, code: str) -> tuple[str, bool]:
+    """What an S3 error answer means: a hint for the message, and whether a later try may succeed."""
     if code in CREDENTIAL_CODES or status in (401, 403):
-        return message + "; check EMP_S3_ACCESS_KEY_ID / EMP_S3_SECRET_ACCESS_KEY and the key's permissions", True
+        return "; check EMP_S3_ACCESS_KEY_ID / EMP_S3_SECRET_ACCESS_KEY and the key's permissions", True
     if code == "NoSuchBucket":
-        return message + "; create the bucket or fix EMP_S3_BUCKET / ctx.storage.bucket", False
-    return message, code in TRANSIENT_CODES or status >= 500 or status in (408, 429) or status == 0
+        return "; create the bucket or fix EMP_S3_BUCKET / ctx.storage.bucket", False
+    return "", code in TRANSIENT_CODES or status >= 500 or status in (408, 429) or status == 0

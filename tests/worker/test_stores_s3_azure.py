@@ -2,165 +2,66 @@
 moto's S3 server and Azure's own emulator, Azurite (skipped, with the reason, where not installed).
 
 Each store: a 5 MB simulation output end to end through a real worker (streamed in parts/blocks),
-its bytes read back from the server, the URL in the result; a retried job overwriting its objects;
-a bucket the operator did not allow refused permanently; bad credentials failing the job with a
-message that does not show them.
+its bytes read back from the server, the URL in the result; a job naming its bucket and CDN as
+emp-job-queue's do; a retried job overwriting its objects; a bucket the operator did not allow
+refused permanently; bad credentials failing the job with a message that does not show them.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import importlib.util
 import json
 import os
-import re
-import shutil
-import subprocess
-import sys
-import time
+import socket
 import uuid
-from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import web
-from yarl import URL
 
 from tests.conftest import WorkerFactory, wait_until
+from tests.fakes.storage import (
+    AZURITE_ACCOUNT,
+    AZURITE_HINT,
+    FlakyProxy,
+    azurite_binary,
+    azurite_server,
+    connection_string,
+    moto_server,
+)
 from worker.client import Client
 
 MB5 = 5_000_000
 PNG = b"\x89PNG\r\n\x1a\n"
 S3_SECRET = "s3-secret-Xq7vW2pLk9"
-AZURITE_ACCOUNT = "devstoreaccount1"
-AZURITE_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="  # emulator's
 WRONG_KEY = "V3JvbmdLZXlXcm9uZ0tleVdyb25nS2V5V3JvbmdLZXlXcm9uZ0tleVdyb25nS2V5V3Jvbmc="
-ROOT = Path(__file__).resolve().parents[2]
-AZURITE_HINT = "azurite not installed: npm install --prefix .ci/node azurite"
 HAS_MOTO = all(importlib.util.find_spec(m) for m in ("moto", "boto3", "flask"))
 HAS_AZURE_SDK = importlib.util.find_spec("azure.storage.blob") is not None
 
 
 # --- the servers -------------------------------------------------------------------------------
 
-def _listening(log: Path, pattern: str, proc: subprocess.Popen[bytes], name: str, within_s: float) -> str:
-    """The URL a server prints once it listens (read from its log, with a deadline)."""
-    deadline = time.monotonic() + within_s
-    while time.monotonic() < deadline:
-        found = re.search(pattern, log.read_text(errors="replace"))
-        if found:
-            return found.group(1)
-        if proc.poll() is not None:
-            raise RuntimeError(f"{name} exited {proc.returncode}: {log.read_text()[-2000:]}")
-        time.sleep(0.05)  # polling the log for the server's own "listening" line
-    raise RuntimeError(f"{name} did not start within {within_s}s: {log.read_text()[-2000:]}")
-
-
-@contextlib.contextmanager
-def _server(args: list[str], workdir: Path, pattern: str) -> Iterator[str]:
-    log = workdir / "server.log"
-    with log.open("wb") as sink:
-        proc = subprocess.Popen(args, stdout=sink, stderr=subprocess.STDOUT, cwd=workdir)
-    try:
-        yield _listening(log, pattern, proc, Path(args[0]).name, within_s=60)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
-
-
 @pytest.fixture(scope="session")
 def moto_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """moto's S3 server (a real HTTP server) in its own process, on a free port."""
     if not HAS_MOTO:
         pytest.skip("moto not installed: pip install 'moto[server]' boto3")
-    args = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", "0"]
-    with _server(args, tmp_path_factory.mktemp("moto"), r"Running on (http://127\.0\.0\.1:\d+)") as url:
+    with moto_server(tmp_path_factory.mktemp("moto")) as url:
         yield url
-
-
-def _azurite_binary() -> str | None:
-    local = ROOT / ".ci" / "node" / "node_modules" / ".bin" / "azurite-blob"
-    return str(local) if local.exists() else shutil.which("azurite-blob")
 
 
 @pytest.fixture(scope="session")
 def azurite_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """Azurite's blob service on a free port, its data in a temporary folder."""
-    binary = _azurite_binary()
+    binary = azurite_binary()
     if binary is None:
         pytest.skip(AZURITE_HINT)
     if not HAS_AZURE_SDK:
         pytest.skip("azure-storage-blob not installed: pip install 'emp-worker[azure]'")
-    data = tmp_path_factory.mktemp("azurite")
-    args = [binary, "--blobHost", "127.0.0.1", "--blobPort", "0", "--location", str(data), "--silent", "--loose",
-            "--skipApiVersionCheck", "--disableTelemetry"]
-    with _server(args, data, r"listens on (http://127\.0\.0\.1:\d+)") as url:
+    with azurite_server(binary, tmp_path_factory.mktemp("azurite")) as url:
         yield url
-
-
-def _connection_string(blob_url: str, key: str = AZURITE_KEY) -> str:
-    return (f"DefaultEndpointsProtocol=http;AccountName={AZURITE_ACCOUNT};AccountKey={key};"
-            f"BlobEndpoint={blob_url}/{AZURITE_ACCOUNT};")
-
-
-class FlakyProxy:
-    """A reverse proxy in front of a real storage server: it answers 503 to the next PUTs of a
-    path it was told to fail, and forwards everything else as it came (recording PUT bodies)."""
-
-    _DROPPED: ClassVar[set[str]] = {"content-length", "transfer-encoding", "connection", "expect", "keep-alive"}
-
-    def __init__(self, upstream: str) -> None:
-        self.upstream = upstream
-        self.failing: Counter[str] = Counter()
-        self.bodies: dict[str, list[bytes]] = {}
-        self.url = ""
-
-    def fail_next(self, suffix: str, times: int) -> None:
-        self.failing[suffix] += times
-
-    async def _handle(self, request: web.Request) -> web.StreamResponse:
-        body = await request.read()
-        path = request.raw_path.split("?")[0]
-        if request.method == "PUT":
-            for suffix in self.failing:
-                if path.endswith(suffix):
-                    self.bodies.setdefault(suffix, []).append(body)
-                    if self.failing[suffix] > 0:
-                        self.failing[suffix] -= 1
-                        return web.Response(status=503, text="injected failure")
-        headers = {k: v for k, v in request.headers.items() if k.lower() not in self._DROPPED}
-        url = URL(self.upstream + request.raw_path, encoded=True)
-        async with self._session.request(request.method, url, headers=headers, data=body or None,
-                                         skip_auto_headers=("Content-Type", "User-Agent", "Accept-Encoding"),
-                                         allow_redirects=False) as answer:
-            data = await answer.read()
-            head = request.method == "HEAD"  # its Content-Length is the object's size: kept
-            out = {k: v for k, v in answer.headers.items()
-                   if k.lower() not in self._DROPPED or (head and k.lower() == "content-length")}
-            return web.Response(status=answer.status, body=None if head else data, headers=out)
-
-    async def __aenter__(self) -> FlakyProxy:
-        self._session = aiohttp.ClientSession(auto_decompress=False, timeout=aiohttp.ClientTimeout(total=60))
-        app = web.Application(client_max_size=64 * 1024 * 1024)
-        app.router.add_route("*", "/{tail:.*}", self._handle)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", 0).start()
-        self.url = f"http://127.0.0.1:{self._runner.addresses[0][1]}"
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self._runner.cleanup()
-        await self._session.close()
 
 
 # --- helpers -------------------------------------------------------------------------------------
@@ -323,9 +224,9 @@ def azure(azurite_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
 
     container = _name("out")
     monkeypatch.setenv("EMP_OUTPUT_STORE", "azure")
-    monkeypatch.setenv("EMP_AZURE_CONNECTION_STRING", _connection_string(azurite_url))
+    monkeypatch.setenv("EMP_AZURE_CONNECTION_STRING", connection_string(azurite_url))
     monkeypatch.setenv("EMP_AZURE_CONTAINER", container)
-    service = BlobServiceClient.from_connection_string(_connection_string(azurite_url))
+    service = BlobServiceClient.from_connection_string(connection_string(azurite_url))
     service.create_container(container)
     yield service.get_container_client(container)
     service.close()
@@ -362,7 +263,7 @@ async def test_azure_takes_emp_job_queue_storage_ctx(
 
     other = _name("other")
     monkeypatch.setenv("EMP_AZURE_ALLOWED_CONTAINERS", other)
-    with ContainerClient.from_connection_string(_connection_string(azurite_url), other) as container:
+    with ContainerClient.from_connection_string(connection_string(azurite_url), other) as container:
         container.create_container()
         await start_worker("azure-ctx", connectors="simulation")
         job_id = await client.submit("simulation", _outputs(100_000), job_id=_name("job"), ctx={
@@ -379,7 +280,7 @@ async def test_azure_a_retried_job_overwrites_its_blobs(
     azure: Any, azurite_url: str, client: Client, start_worker: WorkerFactory, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     async with FlakyProxy(azurite_url) as proxy:
-        monkeypatch.setenv("EMP_AZURE_CONNECTION_STRING", _connection_string(proxy.url))
+        monkeypatch.setenv("EMP_AZURE_CONNECTION_STRING", connection_string(proxy.url))
         monkeypatch.setenv("EMP_AZURE_RETRIES", "0")  # one request per put try: the proxy counts them
         job_id = _name("again")
         proxy.fail_next(f"{job_id}/000-output-0.png", 0)
@@ -408,7 +309,7 @@ async def test_azure_a_container_the_operator_did_not_allow_is_refused(
 async def test_azure_bad_credentials_fail_the_job_without_showing_them(
     azure: Any, azurite_url: str, client: Client, start_worker: WorkerFactory, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setenv("EMP_AZURE_CONNECTION_STRING", _connection_string(azurite_url, WRONG_KEY))
+    monkeypatch.setenv("EMP_AZURE_CONNECTION_STRING", connection_string(azurite_url, WRONG_KEY))
     await start_worker("azure-badkey", connectors="simulation")
     job_id = await client.submit("simulation", _outputs(10), max_retries=0)
     job = await _final(client, job_id)
@@ -416,38 +317,17 @@ async def test_azure_bad_credentials_fail_the_job_without_showing_them(
     assert WRONG_KEY not in job["error"] and "AccountKey" not in job["error"] and _blobs(azure) == []
 
 
-# --- configuration, through a real process ----------------------------------------------------------
-
-async def _run_worker(tmp_path: Path, *, block_libraries: bool, **env: str) -> tuple[int, str]:
-    """`emp-worker run` in a child process (start-up stops before Redis is reached)."""
-    blocked = tmp_path / "blocked"
-    blocked.mkdir(exist_ok=True)
-    for module in ("boto3", "azure") if block_libraries else ():  # the child's import fails, as if not installed
-        (blocked / f"{module}.py").write_text("raise ImportError('not installed (test)')\n")
-    child_env = {**os.environ, "PYTHONPATH": f"{blocked}{os.pathsep}{ROOT}", "REDIS_URL": "redis://127.0.0.1:1/0",
-                 **env}
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "worker", "run", env=child_env, cwd=tmp_path,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    _, err = await asyncio.wait_for(proc.communicate(), 60)
-    assert proc.returncode is not None
-    return proc.returncode, err.decode()
-
-
-@pytest.mark.parametrize(("store", "expected"), [
-    ("s3", "EMP_OUTPUT_STORE=s3 needs boto3: pip install 'emp-worker[s3]'"),
-    ("azure", "EMP_OUTPUT_STORE=azure needs azure-storage-blob: pip install 'emp-worker[azure]'"),
-])
-async def test_a_store_whose_library_is_missing_stops_start_up_with_one_line(
-    tmp_path: Path, store: str, expected: str,
-) -> None:
-    code, err = await _run_worker(tmp_path, block_libraries=True, EMP_OUTPUT_STORE=store)
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert code == 2 and len(lines) == 1 and expected in lines[0], err
-
-
 @pytest.mark.skipif(not HAS_MOTO, reason="boto3 not installed: pip install 'emp-worker[s3]'")
-async def test_s3_without_a_bucket_stops_start_up_with_one_line(tmp_path: Path) -> None:
-    code, err = await _run_worker(tmp_path, block_libraries=False, EMP_OUTPUT_STORE="s3",
-                                  EMP_S3_SECRET_ACCESS_KEY=S3_SECRET)
-    assert code == 2 and "EMP_S3_BUCKET is not set" in err and S3_SECRET not in err, err
+async def test_an_s3_endpoint_that_cannot_be_reached_fails_the_job_as_retryable(
+    client: Client, start_worker: WorkerFactory, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    for name, value in {"OUTPUT_STORE": "s3", "S3_BUCKET": "b", "S3_ENDPOINT_URL": closed, "S3_MAX_ATTEMPTS": "1",
+                        "S3_ACCESS_KEY_ID": "AKIATEST", "S3_SECRET_ACCESS_KEY": S3_SECRET}.items():
+        monkeypatch.setenv(f"EMP_{name}", value)
+    await start_worker("s3-down", connectors="simulation")
+    job = await _final(client, await client.submit("simulation", _outputs(10), max_retries=0))
+    assert job["status"] == "failed" and "s3 store failed 3 times: EndpointConnectionError" in job["error"], job
+    assert S3_SECRET not in job["error"]
