@@ -36,6 +36,9 @@ class ComfyHttp(HttpEngine):
             except ValueError:
                 decoded = text
             return validation_error(status, decoded)
+        if method == "GET" and path.endswith("/view") and status == 404:
+            # an output the history listed is gone (a temp file after a restart): another run makes it again
+            return RetryableJobError("ComfyUI no longer has an output file its history listed (404 from /view)")
         return super().error_for_answer(status, body, content_type, request)
 
 

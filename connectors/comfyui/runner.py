@@ -98,8 +98,8 @@ class PromptRun:
             self.ended.set()
             return await self._finish(entry)
         finally:
-            if self.submitted.is_set() and not self.ended.is_set() and self.stop_reason is None:
-                _spawn(self._withdraw())  # cancelled from outside mid-prompt: do not leave it running
+            if self.submitted.is_set() and not self.ended.is_set() and not self.cancel_route:
+                _spawn(self._withdraw())  # cancelled mid-prompt (or mid-POST) before stop() could: do not leave it
             self.ended.set()
             socket.unsubscribe(self.prompt_id)
 
