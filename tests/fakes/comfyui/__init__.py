@@ -35,6 +35,7 @@ status, executing{node:null}. Nodes whose inputs did not change since the last p
 
 Knobs (fake.behaviour, read when they matter; see behaviour.Behaviour):
     step_delay_s, node_delay_s, node_delays      time per tick / node
+    pickup_delay_s, start_delay_s                idle worker's pickup latency; gap execution_start -> _cached
     prompt_response_delay_s                      POST /prompt answers after the WS messages (pitfall 1)
     history_delay_s                              GET /history/{id} is {} right after execution_success (pitfall 2)
     history_empty_reads                          N more {} reads after the write (beyond 0.3.64; a retry test)
