@@ -52,7 +52,7 @@ class A1111Connector(Connector):
                                   max_response_bytes=s.max_response_bytes)
         self.control = api.A1111Http(self.url, name="a1111", auth=auth, connect_retries=0,
                                      timeout=httpx.Timeout(s.request_timeout_s, connect=s.connect_timeout_s))
-        self._generating: set[str] = set()  # ids of jobs whose generation request is out
+        self._generating: set[tuple[str, int]] = set()  # (job id, attempt) whose generation request is out
         self._aliases: dict[str, str] = {}  # every name of a checkpoint -> its title
         self._listing: Any = []  # /sdapi/v1/sd-models, as last read
 
@@ -88,7 +88,8 @@ class A1111Connector(Connector):
         deadline = time.monotonic() + INTERRUPT_WAIT_S
         timeout = min(self.settings.request_timeout_s, INTERRUPT_WAIT_S)
         sent = False
-        while job.id in self._generating and time.monotonic() < deadline:  # else nothing of it runs there
+        # (id, attempt): a retry of the same job, claimed here at once, is another job to stop or not
+        while (job.id, job.attempt) in self._generating and time.monotonic() < deadline:
             if not sent or await self._running_uninterrupted(timeout):
                 await self.control.post_json("/sdapi/v1/interrupt", None, timeout=timeout)
                 log.info("asked A1111 at %s to interrupt job %s (%s)", self.http.base_url, job.id, reason.value)
@@ -131,7 +132,7 @@ class A1111Connector(Connector):
 
     async def _generate(self, job: Job, ctx: JobContext, endpoint: str, body: dict[str, Any]) -> Any:
         """POST the generation while polling progress; whichever ends first decides."""
-        self._generating.add(job.id)
+        self._generating.add((job.id, job.attempt))
         post = asyncio.create_task(self.http.request("POST", f"/sdapi/v1/{endpoint}", json=body))
         poll = asyncio.create_task(self._poll(ctx))
         try:
@@ -140,7 +141,7 @@ class A1111Connector(Connector):
                 poll.result()  # the poller only ends by raising (the engine stopped answering)
             response = post.result()
         finally:
-            self._generating.discard(job.id)
+            self._generating.discard((job.id, job.attempt))
             await _reap(post, poll)
         return await asyncio.to_thread(_json_body, response)
 

@@ -70,6 +70,31 @@ async def test_cancel_reaches_a1111s_interrupt_and_the_job_ends_cancelled(
     assert job["status"] == "cancelled" and not job.get("result") and "completed" not in kinds
 
 
+async def test_drain_interrupts_a1111_and_hands_the_job_back(
+    client: Client, start_worker: WorkerFactory, fake: FakeA1111
+) -> None:
+    worker = await start_worker("a1111-drain", connectors="a1111", grace_period_s=0.2)
+    job_id = await client.submit("a1111", small(steps=3000))
+    await wait_until(lambda: fake.engine.state.sampling_step >= 5, within_s=20)
+    worker.request_stop()
+    await wait_until(lambda: fake.interrupts == 1, within_s=15)
+    await wait_until(lambda: _is(client, job_id, "pending"), within_s=15)
+    assert fake.engine.generations[0].interrupted and not (await client.get(job_id)).get("result")
+
+
+async def test_a_timed_out_job_is_interrupted_and_its_retry_is_not(
+    client: Client, start_worker: WorkerFactory, fake: FakeA1111
+) -> None:
+    """The retry of a timed-out job, claimed here at once, shares its id: the first attempt's
+    interrupt must stop only the first attempt's generation."""
+    await start_worker("a1111-timeout", connectors="a1111")
+    job_id = await client.submit("a1111", small(steps=3000, timeout_seconds=1), max_retries=2)
+    await wait_until(lambda: _is(client, job_id, "failed"), within_s=40)
+    failures = [e.data["error"] for e in await client.events(job_id) if e.kind in ("retry", "failed")]
+    assert len(failures) >= 2 and all("timed out" in f for f in failures), failures
+    assert all(g.interrupted for g in fake.engine.generations) and fake.interrupts == len(fake.engine.generations)
+
+
 async def test_a_killed_engine_fails_the_job_retryable_and_claiming_waits_for_its_return(
     client: Client, start_worker: WorkerFactory, fake: FakeA1111
 ) -> None:
