@@ -44,7 +44,7 @@ from worker.guard import PluggedConnector
 from worker.hardware import Gpu
 from worker.keys import Keys
 from worker.outputs import OutputPlacer
-from worker.protocol import utc_iso
+from worker.protocol import is_text, printable, utc_iso
 from worker.queue import Claimed, Deferred, Queue, QueueConfig
 from worker.retry import Backoff, wait_for_event
 from worker.settings import Settings
@@ -120,6 +120,9 @@ class Worker:
         self.wake = asyncio.Event()
         self.hints: deque[str] = deque(maxlen=1000)
         self.claims = 0
+        self.unreadable_messages = 0  # pub/sub messages ignored as unreadable
+        self._last_beat = time.monotonic()  # the last beat that got through
+        self._beat_failed = False  # whether a beat failed since then (a gap in our own heartbeats)
         self._models_dirty = True  # written to Redis on the first refresh, then on each change
         self._starting: dict[PluggedConnector, asyncio.Task[None]] = {}
         self._fields: dict[str, str] = {}  # the last worker record built
@@ -170,6 +173,9 @@ class Worker:
         try:
             await self._claim_loop()
             await self._drain()
+        except Exception:  # never hidden behind a state error on the way out
+            log.exception("worker %s: unexpected error; stopping", self.worker_id)
+            raise
         finally:
             for task in [*background, *self._starting.values()]:
                 task.cancel()
@@ -177,6 +183,8 @@ class Worker:
             await self._deregister()
             await asyncio.gather(*(engine.stop() for engine in self.engines))
             await self.outputs.close()
+            if self.state is not WorkerState.DRAINING:
+                await self._set_state(WorkerState.DRAINING)
             await self._set_state(WorkerState.STOPPED)
             log.info("worker %s stopped", self.worker_id)
 
@@ -190,6 +198,10 @@ class Worker:
             except RedisUnavailable as exc:
                 delay = backoff.next_delay()
                 log.warning("cannot register worker %s: %s (next try in %.1fs)", self.worker_id, exc, delay)
+                await wait_for_event(self.stopping, delay)
+            except Exception:
+                delay = backoff.next_delay()
+                log.exception("cannot register worker %s (next try in %.1fs)", self.worker_id, delay)
                 await wait_for_event(self.stopping, delay)
 
     async def _drain(self) -> None:
@@ -239,7 +251,14 @@ class Worker:
         except Exception:  # never let the record cost the leases: beat with the last good one
             log.exception("could not build the worker record; beating with the last one")
         fields = self._fields
-        beat = await self.queue.heartbeat(self.worker_id, status, fields, ttl, held, self.ads.loaded)
+        away_ms = int((time.monotonic() - self._last_beat) * 1000) if self._beat_failed else 0
+        try:
+            beat = await self.queue.heartbeat(self.worker_id, status, fields, ttl, held, self.ads.loaded,
+                                              away_ms=away_ms)
+        except Exception:
+            self._beat_failed = True
+            raise
+        self._last_beat, self._beat_failed = time.monotonic(), False
         if beat.reaped:
             log.warning("reaper: %d job(s) with an expired lease put back or failed", beat.reaped)
         for job_id in beat.lost:
@@ -344,7 +363,11 @@ class Worker:
                 backoff.reset()
                 self.wake.set()  # anything published while we were away is found by a claim
                 while True:
-                    message = await pubsub.get_message(timeout=60.0)
+                    try:
+                        message = await pubsub.get_message(timeout=60.0)
+                    except UnicodeDecodeError as exc:  # a client that decodes strictly; the reply was read whole
+                        self._unreadable_message(f"not UTF-8 text: {exc.reason}")
+                        continue
                     if message is not None:
                         self._on_message(message)
             except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
@@ -352,26 +375,32 @@ class Worker:
                 log.warning("pub/sub connection lost (%s); reconnecting in %.1fs",
                             type(exc).__name__, delay)
                 await asyncio.sleep(delay)  # reconnect backoff
+            except Exception:  # a bug or a message no check foresaw: the listener goes on
+                delay = backoff.next_delay()
+                log.exception("pub/sub listener failed; resubscribing in %.1fs", delay)
+                await asyncio.sleep(delay)  # reconnect backoff
             finally:
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
 
     def _on_message(self, message: Mapping[str, Any]) -> None:
+        raw = message.get("data")
         try:
-            data = json.loads(message["data"])
-        except (TypeError, ValueError):
+            data = json.loads(raw) if isinstance(raw, str | bytes) else None
+        except (ValueError, RecursionError):
+            data = None
+        job_id = data.get("job_id", "") if isinstance(data, dict) else None
+        if not isinstance(data, dict) or not isinstance(job_id, str) or not is_text(job_id) or len(job_id) > 512:
+            self._unreadable_message(f"on {printable(str(message.get('channel', '')))}: {printable(str(raw))}")
             return
-        if not isinstance(data, dict):
-            return
-        job_id = str(data.get("job_id", ""))
-        if message["channel"] == self.keys.ch_cancel:
+        if message.get("channel") == self.keys.ch_cancel:
             running = self.running.get(job_id)
             if running is not None:
                 log.info("job %s cancelled: %s", job_id, data.get("reason", ""))
                 running.stop(StopReason.CANCELLED)
             return
         service = data.get("service_required")
-        if service is None or service in self.by_service:
+        if service is None or (isinstance(service, str) and service in self.by_service):
             if job_id:
                 self.hints.append(job_id)
             self.wake.set()
@@ -383,32 +412,36 @@ class Worker:
 
     async def _claim_loop(self) -> None:
         backoff = Backoff()
-        poll = self.settings.poll_interval_s
         while not self.stopping.is_set():
             self.wake.clear()
-            if not self._slots_free() or not self.ads.services(with_room=True):
-                await wait_for_event(self.wake, poll)
-                continue
-            hint = self.hints.popleft() if self.hints else ""
             try:
-                claimed = await self.queue.claim_or_defer(self.worker_id, self.capabilities(), hint)
-                backoff.reset()
-            except RedisUnavailable as exc:
-                delay = backoff.next_delay()
-                log.warning("claim failed: %s (next try in %.1fs)", exc, delay)
-                await wait_for_event(self.stopping, delay)
-                continue
-            except Exception:
+                await self._claim_once(backoff)
+            except Exception:  # a bug or a record no check foresaw: log, back off, claim on
                 delay = backoff.next_delay()
                 log.exception("claim failed unexpectedly (next try in %.1fs)", delay)
                 await wait_for_event(self.stopping, delay)
-                continue
-            if isinstance(claimed, Claimed):
-                self._start(claimed)
-            elif isinstance(claimed, Deferred):  # left to a worker with its models loaded: look again
-                await wait_for_event(self.wake, min(poll, claimed.retry_in_ms / 1000 + 0.01))
-            elif not self.hints:
-                await wait_for_event(self.wake, poll * random.uniform(0.8, 1.2))
+
+    async def _claim_once(self, backoff: Backoff) -> None:
+        """One claim when a place is free, then the wait until the next one."""
+        poll = self.settings.poll_interval_s
+        if not self._slots_free() or not self.ads.services(with_room=True):
+            await wait_for_event(self.wake, poll)
+            return
+        hint = self.hints.popleft() if self.hints else ""
+        try:
+            claimed = await self.queue.claim_or_defer(self.worker_id, self.capabilities(), hint)
+            backoff.reset()
+        except RedisUnavailable as exc:
+            delay = backoff.next_delay()
+            log.warning("claim failed: %s (next try in %.1fs)", exc, delay)
+            await wait_for_event(self.stopping, delay)
+            return
+        if isinstance(claimed, Claimed):
+            self._start(claimed)
+        elif isinstance(claimed, Deferred):  # left to a worker with its models loaded: look again
+            await wait_for_event(self.wake, min(poll, claimed.retry_in_ms / 1000 + 0.01))
+        elif not self.hints:
+            await wait_for_event(self.wake, poll * random.uniform(0.8, 1.2))
 
     def _start(self, claimed: Claimed) -> None:
         self.claims += 1

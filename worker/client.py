@@ -64,10 +64,12 @@ def _json_list(raw: str | None) -> list[str]:
 
 
 def connect(url: str) -> aioredis.Redis:
-    """A Redis client with bounded timeouts (no call waits forever)."""
+    """A Redis client with bounded timeouts (no call waits forever). Whatever others wrote may
+    not be text: bytes that are not UTF-8 come back as surrogate escapes (which write back as the
+    same bytes) instead of raising in the middle of a reply; worker.protocol.is_text tells them."""
     return aioredis.Redis.from_url(
-        url, decode_responses=True, socket_timeout=10.0, socket_connect_timeout=5.0,
-        health_check_interval=0,
+        url, decode_responses=True, encoding_errors="surrogateescape", socket_timeout=10.0,
+        socket_connect_timeout=5.0, health_check_interval=0,
     )
 
 

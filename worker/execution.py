@@ -24,7 +24,7 @@ from worker.errors import InvalidJob, JobError, RedisUnavailable, StaleJob
 from worker.guard import INTERRUPT_TIMEOUT_S, PluggedConnector
 from worker.outputs import OutputPlacer
 from worker.progress import ProgressReporter
-from worker.protocol import Job
+from worker.protocol import Job, read_int
 from worker.queue import Claimed, Queue
 from worker.retry import Backoff, retry_backoff_ms
 from worker.settings import Settings
@@ -84,7 +84,7 @@ class Executor:
         """Run a job whose place the slot has taken (``running.engine``: its connector)."""
         job_id, attempt = claimed.job_id, claimed.attempt
         try:
-            job = Job.from_hash(claimed.fields, attempt, self.settings.max_payload_bytes)
+            job = Job.from_hash(claimed.fields, attempt, self.settings.max_payload_bytes, job_id)
         except InvalidJob as exc:
             log.warning("job %s is malformed: %s", job_id, exc)
             return await self._fail(job_id, attempt, f"invalid job: {exc}", retryable=False, retries=0)
@@ -194,10 +194,7 @@ class Executor:
     async def fail_unexpected(self, claimed: Claimed, exc: BaseException) -> Outcome:
         """A bug between claim and outcome: fail the attempt (retryable) instead of leaving the
         job held until its lease expires."""
-        try:
-            retries = int(float(claimed.fields.get("retry_count", "0") or 0))
-        except ValueError:
-            retries = 0
+        retries = read_int(claimed.fields.get("retry_count"), 0)
         return await self._fail(claimed.job_id, claimed.attempt,
                                 f"worker error: {type(exc).__name__}: {str(exc)[:300]}",
                                 retryable=True, retries=retries)

@@ -35,6 +35,9 @@ LEASES = "emp:leases"
 DELAYED = "emp:delayed"
 REAPER_LOCK = "emp:reaper:lock"
 RECONCILE_LOCK = "emp:reconcile:lock"
+RECONCILE_CURSOR = "emp:reconcile:cursor"
+QUARANTINE = "emp:quarantine"
+OUTAGE = "emp:outage"
 
 # A field of the worker hash (not a key): the worker's models as JSON {service: [model names]},
 # written by Queue.set_models and read by the claim script when claim capabilities carry none.
@@ -142,6 +145,23 @@ class Keys:
     @property
     def reaper_lock(self) -> str:
         return f"{self.prefix}{REAPER_LOCK}"
+
+    @property
+    def reconcile_cursor(self) -> str:
+        """Hash: where reconcile's membership sweeps of jobs:pending and emp:indexed go on."""
+        return f"{self.prefix}{RECONCILE_CURSOR}"
+
+    @property
+    def quarantine(self) -> str:
+        """Hash: job id -> JSON {reason, where, at} of what no script could read or fail readably
+        (a job key of another type, an id with control or non-ASCII bytes); shown by status."""
+        return f"{self.prefix}{QUARANTINE}"
+
+    @property
+    def outage(self) -> str:
+        """Hash the reaper keeps: Redis's run_id, its last run and the end of an outage's grace
+        period (no lease is reaped before it), and how many outages it saw."""
+        return f"{self.prefix}{OUTAGE}"
 
     # --- pub/sub channels (emp-job-queue names) -------------------------------------------------
     @property

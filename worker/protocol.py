@@ -118,14 +118,69 @@ def decode_json_object(name: str, raw: str | None, max_bytes: int) -> JsonObject
     return value
 
 
+def read_int(raw: str | None, default: int) -> int:
+    """An untrusted whole number ('3', '3.0'); the default when absent or unreadable ('x', 'nan', '1e400')."""
+    try:
+        value = float(raw or default)
+    except ValueError:
+        return default
+    return int(value) if math.isfinite(value) and abs(value) < 2**53 else default
+
+
 def _int_field(fields: Mapping[str, str], name: str, default: int) -> int:
     raw = fields.get(name, "")
     if raw == "":
         return default
     try:
-        return int(float(raw))
+        value = float(raw)
     except ValueError as exc:
-        raise InvalidJob(f"{name} must be a number, got {raw[:40]!r}") from exc
+        raise InvalidJob(f"{name} must be a number, got {printable(raw)}") from exc
+    if not math.isfinite(value) or abs(value) >= 2**53:
+        raise InvalidJob(f"{name} must be a finite number, got {printable(raw)}")
+    return int(value)
+
+
+# --- untrusted bytes ---------------------------------------------------------------------------------
+
+
+def printable(value: str | bytes, limit: int = 40) -> str:
+    """An untrusted value for an error message: at most `limit` characters, quoted, anything
+    outside printable ASCII escaped (so that a message is always readable, one line)."""
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", "surrogateescape")
+    clipped = value[:limit].encode("utf-8", "surrogateescape")
+    shown = "".join(chr(b) if 32 <= b < 127 and b != 92 else f"\\x{b:02x}" for b in clipped)
+    return f"'{shown}'" + ("..." if len(value) > limit else "")
+
+
+def is_text(value: str) -> bool:
+    """False for a string decoded from bytes that are not UTF-8 (it holds surrogate escapes)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def decode_reply(raw: bytes | str) -> str:
+    """Bytes from Redis as text; bytes that are not UTF-8 become surrogate escapes, which encode
+    back to the same bytes (so the job can still be addressed) and which is_text() finds."""
+    return raw.decode("utf-8", "surrogateescape") if isinstance(raw, bytes) else str(raw)
+
+
+def untextual_field(fields: Mapping[str, str]) -> str | None:
+    """Why a job hash is not all text (a field name or value with bytes that are not UTF-8), or None."""
+    for name, value in fields.items():
+        if not is_text(name):
+            return f"a field name is not UTF-8 text: {printable(name)}"
+        if not is_text(value):
+            bad = value.encode("utf-8", "surrogateescape")
+            try:
+                bad.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                return (f"{printable(name)} is not UTF-8 text (byte 0x{bad[exc.start]:02x} at offset {exc.start})")
+            return f"{printable(name)} is not UTF-8 text"
+    return None
 
 
 @dataclass(frozen=True)
@@ -149,9 +204,19 @@ class Job:
     timeout_s: float | None = None
 
     @classmethod
-    def from_hash(cls, fields: Mapping[str, str], attempt: int, max_payload_bytes: int) -> Job:
-        """Validate a job hash; raise InvalidJob with a readable reason when it is malformed."""
-        job_id = fields.get("id", "")
+    def from_hash(
+        cls, fields: Mapping[str, str], attempt: int, max_payload_bytes: int, job_id: str | None = None
+    ) -> Job:
+        """Validate a job hash; raise InvalidJob with a readable reason when it is malformed.
+        `job_id`: the id of the key it was read from (the hash's own id field must agree)."""
+        problem = untextual_field(fields)
+        if problem:
+            raise InvalidJob(problem)
+        own = fields.get("id", "")
+        if job_id is None:
+            job_id = own
+        elif own and own != job_id:
+            raise InvalidJob(f"id field names job {printable(own)}, not this job")
         if not job_id:
             raise InvalidJob("the job hash has no id field")
         service = fields.get("service_required", "")

@@ -18,17 +18,19 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
 import redis.asyncio as aioredis
+from redis.client import NEVER_DECODE
 from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
+from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from worker import scripts
 from worker.errors import InvalidJob, RedisUnavailable, StaleJob
 from worker.keys import MODELS_FIELD, Keys
-from worker.protocol import utc_iso
+from worker.protocol import decode_reply, utc_iso
 
 MAX_PER_BEAT = 100
+MAX_HINT_CHARS = 512  # a job_submitted id longer than any job id is no hint
 
 
 @dataclass(frozen=True)
@@ -47,14 +49,13 @@ class QueueConfig:
 
 @dataclass(frozen=True)
 class Claimed:
-    """A job this worker now holds: its fencing token and the raw hash fields."""
+    """A job this worker now holds: its fencing token, the id of the key it claimed, and the raw
+    hash fields (untrusted: bytes that are not UTF-8 come as surrogate escapes; Job.from_hash
+    says so)."""
 
     attempt: int
+    job_id: str
     fields: dict[str, str]
-
-    @property
-    def job_id(self) -> str:
-        return self.fields.get("id", "")
 
 
 @dataclass(frozen=True)
@@ -127,6 +128,22 @@ class Queue:
         except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
             raise RedisUnavailable(f"Redis is unreachable ({type(exc).__name__}); retrying") from exc
 
+    async def _run_undecoded(self, name: str, *args: str | int | float) -> Any:
+        """Like _run, but the reply is left as bytes: it holds what others wrote (a job hash),
+        which need not be text; the caller decodes it (decode_reply)."""
+        script = self._scripts[name]
+        argv = [self.keys.prefix, *args]
+        try:
+            try:
+                return await self.redis.execute_command(  # type: ignore[no-untyped-call]
+                    "EVALSHA", script.sha, 0, *argv, **{NEVER_DECODE: True})
+            except NoScriptError:
+                script.sha = await self.redis.script_load(script.script)
+                return await self.redis.execute_command(  # type: ignore[no-untyped-call]
+                    "EVALSHA", script.sha, 0, *argv, **{NEVER_DECODE: True})
+        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            raise RedisUnavailable(f"Redis is unreachable ({type(exc).__name__}); retrying") from exc
+
     async def submit(self, job_id: str, fields: Mapping[str, str], score: float) -> str:
         """Write a new job hash, add it to jobs:pending and our index; returns created_at."""
         ok, detail = await self._run("submit", job_id, repr(score), json.dumps(dict(fields)))
@@ -143,15 +160,16 @@ class Queue:
         self, worker_id: str, capabilities: Mapping[str, Any], hint: str = ""
     ) -> Claimed | Deferred | None:
         try:
-            reply = await self._run("claim", worker_id, json.dumps(capabilities), hint, self._options)
+            reply = await self._run_undecoded("claim", worker_id, json.dumps(capabilities), hint[:MAX_HINT_CHARS],
+                                              self._options)
         except ResponseError as exc:  # a script error is a bug or a foreign record; never silent
             raise RedisUnavailable(f"claim script failed: {exc}") from exc
         if not reply:
             return None
         if int(reply[0]) == -1:
             return Deferred(int(reply[1]))
-        attempt, flat = int(reply[0]), reply[1:]
-        return Claimed(attempt, dict(zip(flat[::2], flat[1::2], strict=True)))
+        attempt, job_id, flat = int(reply[0]), decode_reply(reply[1]), [decode_reply(v) for v in reply[2:]]
+        return Claimed(attempt, job_id, dict(zip(flat[::2], flat[1::2], strict=True)))
 
     async def set_loaded(self, worker_id: str, models: list[str]) -> None:
         """Record the models `worker_id` holds in GPU memory, for model affinity."""
@@ -197,14 +215,17 @@ class Queue:
 
     async def heartbeat(
         self, worker_id: str, status: str, fields: Mapping[str, str], heartbeat_ttl_s: int,
-        running: Mapping[str, int], loaded: list[str] | None = None,
+        running: Mapping[str, int], loaded: list[str] | None = None, away_ms: int = 0,
     ) -> Beat:
         """Refresh the worker, renew its leases (`running`: job id -> attempt), promote due
-        retries and, when this worker holds the reaper lock, reap expired leases."""
+        retries and, when this worker holds the reaper lock, reap expired leases. `away_ms`: how
+        long this worker's beats have been failing (0: they were not), so that after an outage
+        live workers get a lease's grace to renew before anything is reaped."""
+        options = self._options if away_ms <= 0 else json.dumps({**json.loads(self._options), "away_ms": away_ms})
         reply = await self._run(
             "heartbeat", worker_id, heartbeat_ttl_s, status, json.dumps(dict(fields)),
             json.dumps(dict(running)) if running else "{}", json.dumps(loaded) if loaded is not None else "",
-            self._options,
+            options,
         )
         lost = [j for j in str(reply[2]).split(",") if j]
         return Beat(int(reply[0]), int(reply[1]), lost, int(reply[3]), bool(int(reply[4])))

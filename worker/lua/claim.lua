@@ -1,4 +1,4 @@
--- requires: clock common index final_fail reconcile match
+-- requires: clock common untrusted index final_fail reconcile match
 -- Claim the best job this worker can run.
 -- KEYS: none (every key is the prefix in ARGV[1] plus a name from worker/keys.py).
 -- ARGV: 1 prefix, 2 worker id, 3 capabilities JSON (see worker/matching.py; without a models
@@ -9,7 +9,12 @@
 --         worker failed that recently), reconcile_lock_ms, affinity_ms (model affinity window,
 --         0: off).
 -- Returns {} when nothing matches, {-1, ms} when a job was left to a worker that has its models
--- loaded (claim again after ms), else {attempt, field, value, field, value, ...} of the job.
+-- loaded (claim again after ms), else {attempt, job id, field, value, field, value, ...} of the
+-- job (the id is the one of the key claimed, whatever the hash says).
+-- Nothing read here stops claiming: a malformed job fails for good with a readable error naming
+-- the field, a job key that is not a hash or an id that cannot be echoed is quarantined, a
+-- garbage index entry (emp:classes, emp:q:*, emp:qw:*) is dropped or rebuilt from the jobs, and
+-- a class the script errors on is set aside (logged) while the other classes are still served.
 
 local worker = ARGV[2]
 local caps = with_stored_models(cjson.decode(ARGV[3]), worker)
@@ -20,6 +25,7 @@ local maxlen, ttl, retention = tonumber(opts['stream_maxlen']), tonumber(opts['s
 local exclude_ms = tonumber(opts['retry_exclusion_ms'])
 local now = now_ms()
 
+heal_index_keys()
 if ARGV[4] ~= '' then index_or_fail(ARGV[4], worker, retention, maxlen) end
 reconcile(tonumber(opts['reconcile_lock_ms']), retention, maxlen)
 
@@ -30,7 +36,7 @@ local loaded = {}
 if type(caps['loaded']) == 'table' then
   for _, m in ipairs(caps['loaded']) do loaded[m] = true end
 end
-local function id_of(member) return string.match(member, '^[^:]*:[^:]*:(.*)$') end
+local function id_of(member) return string.match(member, '^[^:]*:[^:]*:(.+)$') end
 
 -- The models a class's jobs ask for (positive requirements), as strings.
 local function wanted_models(meta)
@@ -81,18 +87,63 @@ local function idle_holder_elsewhere(models, meta)
   return false
 end
 
--- Check one queued entry: drop it when stale; nil when this worker must leave it alone.
-local function usable(id, class, member)
-  local f = redis.call('HMGET', K('@JOB@' .. id), 'last_failed_worker', 'emp_last_failed_ms', 'status',
-    'emp_indexed_ms')
-  if f[3] ~= 'pending' or not redis.call('ZSCORE', K('@PENDING@'), id) then
-    unindex_job(id, class, member)  -- cancelled or taken elsewhere: drop the stale entry
+-- Check one queued entry: drop it when stale or not this job's own; nil when this worker must
+-- leave it alone.
+local function usable(id, queue, class, member)
+  local jk = K('@JOB@' .. id)
+  local kind = redis.call('TYPE', jk)['ok']
+  if kind ~= 'hash' and kind ~= 'none' then
+    redis.call('ZREM', queue, member)
+    quarantine(id, 'the job key is a ' .. kind .. ', not a hash', 'claim', retention)
     return nil
   end
-  if f[1] == worker and now - (tonumber(f[2]) or 0) < exclude_ms then
+  local f = redis.call('HMGET', jk, 'last_failed_worker', 'emp_last_failed_ms', 'status',
+    'emp_indexed_ms', 'emp_class', 'emp_member')
+  if f[3] ~= 'pending' or not redis.call('ZSCORE', K('@PENDING@'), id) or f[5] ~= class or f[6] ~= member then
+    -- cancelled, taken elsewhere, or an entry that is not the job's own: drop the entry
+    redis.call('ZREM', queue, member)
+    if f[6] == member then unindex_job(id, class, member) end
+    return nil
+  end
+  if f[1] == worker and now - num_or(f[2], 0) < exclude_ms then
     return nil  -- this worker failed it moments ago: leave it to another worker for a while
   end
-  return tonumber(f[4]) or 0
+  return num_or(f[4], 0)
+end
+
+-- The class's meta as index_job registers it, when it is that: {service, requirements, customer_id}.
+local function class_meta(raw)
+  local meta = decode(raw)
+  if type(meta) ~= 'table' or type(meta['service']) ~= 'string'
+    or type(meta['requirements'] or '') ~= 'string' or type(meta['customer_id'] or '') ~= 'string' then
+    return nil
+  end
+  return meta
+end
+
+-- A garbage emp:classes entry: registered again from its queue's head job, or dropped (the
+-- queue's jobs are indexed again by reconcile, which registers their class).
+local function rebuild_class(class)
+  local qk = K('@CLASS_QUEUE@' .. class)
+  if redis.call('TYPE', qk)['ok'] == 'zset' then
+    for _, member in ipairs(redis.call('ZRANGE', qk, 0, 7)) do
+      local id = id_of(member)
+      local f = id and redis.pcall('HMGET', K('@JOB@' .. id), 'service_required', 'requirements', 'customer_id')
+      if f and not f['err'] and f[1] then
+        local req, cust = f[2] or '', f[3] or ''
+        if redis.sha1hex(f[1] .. '\n' .. req .. '\n' .. cust) == class then
+          redis.call('HSET', K('@CLASSES@'), class, cjson.encode({ service = f[1], requirements = req,
+            customer_id = cust }))
+          return
+        end
+      end
+      redis.call('ZREM', qk, member)
+      if id then redis.call('SREM', K('@INDEXED@'), id) end
+    end
+  else
+    redis.call('DEL', qk)
+  end
+  redis.call('HDEL', K('@CLASSES@'), class)
 end
 
 local candidates = {}
@@ -102,21 +153,25 @@ local function consider(class, member, score, meta, indexed)
     models = models, affine = all_loaded_here(models), indexed = indexed }
 end
 
-if only_workflow ~= '' then
-  -- A worker restricted to one workflow looks only at that workflow's jobs.
+-- The first usable entry of each class in a workflow's queue.
+local function look_at_workflow()
   -- (a workflow's pending jobs are few; the window bounds the work for a huge one)
   local wq = K('@WF_QUEUE@' .. only_workflow)
+  if redis.call('TYPE', wq)['ok'] ~= 'zset' then
+    redis.call('DEL', wq)
+    return
+  end
   local entries = redis.call('ZRANGE', wq, 0, 999, 'WITHSCORES')
   local seen_class = {}
   for h = 1, #entries, 2 do
     local member, score = entries[h], tonumber(entries[h + 1])
     local id = id_of(member)
-    local class = redis.call('HGET', K('@JOB@' .. id), 'emp_class')
-    local meta = decode(class and redis.call('HGET', K('@CLASSES@'), class) or '')
-    if type(meta) ~= 'table' then
-      redis.call('ZREM', wq, member)  -- its job is gone
+    local class = id and redis.pcall('HGET', K('@JOB@' .. id), 'emp_class')
+    local meta = type(class) == 'string' and class_meta(redis.call('HGET', K('@CLASSES@'), class)) or nil
+    if not meta then
+      redis.call('ZREM', wq, member)  -- its job is gone, or the entry is garbage
     elseif not seen_class[class] then
-      local indexed = usable(id, class, member)  -- drops it when stale
+      local indexed = usable(id, wq, class, member)  -- drops it when stale
       if indexed then
         meta['workflow_id'] = only_workflow
         if matches(caps, meta) then consider(class, member, score, meta, indexed) end
@@ -124,26 +179,51 @@ if only_workflow ~= '' then
       end
     end
   end
+end
+
+-- The first usable head of one class queue, when this worker matches the class.
+local function look_at_class(class, raw)
+  local meta = class_meta(raw)
+  if not meta then return rebuild_class(class) end
+  local qk = K('@CLASS_QUEUE@' .. class)
+  if matches(caps, meta) then
+    local heads = redis.call('ZRANGE', qk, 0, 7, 'WITHSCORES')
+    if #heads == 0 then redis.call('HDEL', K('@CLASSES@'), class) end
+    for h = 1, #heads, 2 do
+      local member, score = heads[h], tonumber(heads[h + 1])
+      local id = id_of(member)
+      local indexed = id and usable(id, qk, class, member)
+      if not id then redis.call('ZREM', qk, member) end  -- not an entry of ours
+      if indexed then
+        consider(class, member, score, meta, indexed)
+        break
+      end
+    end
+  elseif redis.call('EXISTS', qk) == 0 then
+    redis.call('HDEL', K('@CLASSES@'), class)
+  end
+end
+
+-- An error on one class (a record no check foresaw) sets that class aside, never the claim.
+local function set_aside(class, err)
+  redis.log(redis.LOG_WARNING, 'emp-worker claim: class ' .. printable(class) .. ' set aside: '
+    .. printable(err, 300))
+  redis.call('HDEL', K('@CLASSES@'), class)
+  if redis.call('TYPE', K('@CLASS_QUEUE@' .. class))['ok'] ~= 'zset' then redis.call('DEL', K('@CLASS_QUEUE@' .. class)) end
+end
+
+if only_workflow ~= '' then
+  -- A worker restricted to one workflow looks only at that workflow's jobs.
+  local ok, err = pcall(look_at_workflow)
+  if not ok then
+    redis.log(redis.LOG_WARNING, 'emp-worker claim: workflow queue dropped: ' .. printable(err, 300))
+    redis.call('DEL', K('@WF_QUEUE@' .. only_workflow))
+  end
 else
-  -- The first usable head of each class queue this worker matches.
   local classes = redis.call('HGETALL', K('@CLASSES@'))
   for i = 1, #classes, 2 do
-    local class, meta = classes[i], cjson.decode(classes[i + 1])
-    local qk = K('@CLASS_QUEUE@' .. class)
-    if matches(caps, meta) then
-      local heads = redis.call('ZRANGE', qk, 0, 7, 'WITHSCORES')
-      if #heads == 0 then redis.call('HDEL', K('@CLASSES@'), class) end
-      for h = 1, #heads, 2 do
-        local member, score = heads[h], tonumber(heads[h + 1])
-        local indexed = usable(id_of(member), class, member)
-        if indexed then
-          consider(class, member, score, meta, indexed)
-          break
-        end
-      end
-    elseif redis.call('EXISTS', qk) == 0 then
-      redis.call('HDEL', K('@CLASSES@'), class)
-    end
+    local ok, err = pcall(look_at_class, classes[i], classes[i + 1])
+    if not ok then set_aside(classes[i], err) end
   end
 end
 
@@ -153,39 +233,53 @@ table.sort(candidates, function(a, b)
   if a.affine ~= b.affine then return a.affine end
   return a.member < b.member
 end)
+-- Take a candidate: its whole hash is checked first (it may have changed since it was indexed);
+-- a malformed one fails for good and the next candidate is taken instead. nil when it failed.
+local function take(c)
+  local id = id_of(c.member)
+  local jk = K('@JOB@' .. id)
+  local j = hgetall(jk)
+  local bad = check_id(id)
+  if bad then
+    unindex_job(id, c.class, c.member)
+    quarantine(id, bad, 'claim', retention)
+    return nil
+  end
+  bad = check_job(id, j)
+  if bad then
+    final_fail(id, j, '', 'invalid job: ' .. bad, j['retry_count'], retention, maxlen)
+    return nil
+  end
+  unindex_job(id, c.class, c.member)
+  redis.call('ZREM', K('@PENDING@'), id)
+  local attempt = redis.call('HINCRBY', jk, 'attempt', 1)
+  local at = iso(now)
+  redis.call('HSET', jk, 'id', id, 'status', 'assigned', 'worker_id', worker, 'assigned_at', at,
+    'emp_claimed_us', now_us(), 'emp_lease_until', tostring(now + lease_ms), 'emp_lease_ms', tostring(lease_ms))
+  redis.call('HDEL', jk, 'emp_reaped_from')
+  redis.call('ZADD', K('@LEASES@'), now + lease_ms, id)
+  j = hgetall(jk)
+  redis.call('HSET', K('@ACTIVE@' .. worker), id, cjson.encode(j))
+  redis.call('HSET', K('@WORKER@' .. worker), 'status', 'busy', 'current_job_id', id)
+  stream_event(id, 'claimed', { worker_id = worker, attempt = attempt }, maxlen, ttl)
+  publish('@CH_JOB_CLAIMED@', { job_id = id, worker_id = worker, status = 'claimed',
+    claimed_at = at, timestamp = now, attempt = attempt })
+  local out = { attempt, id }
+  for f, v in pairs(j) do out[#out + 1] = f; out[#out + 1] = v end
+  return out
+end
+
 -- A fresh job whose models another idle worker has loaded is left to that worker for a moment.
-local chosen, wait_ms = nil, nil
+local wait_ms = nil
 for _, c in ipairs(candidates) do
   local age = now - c.indexed
   if affinity_ms > 0 and not c.affine and #c.models > 0 and age < affinity_ms
     and idle_holder_elsewhere(c.models, c.meta) then
     wait_ms = math.min(wait_ms or affinity_ms, affinity_ms - age)
   else
-    chosen = c
-    break
+    local out = take(c)
+    if out then return out end
   end
 end
-if not chosen then
-  if wait_ms then return { -1, wait_ms } end
-  return {}
-end
-
-local class, member = chosen.class, chosen.member
-local id = id_of(member)
-local jk = K('@JOB@' .. id)
-unindex_job(id, class, member)
-redis.call('ZREM', K('@PENDING@'), id)
-local attempt = redis.call('HINCRBY', jk, 'attempt', 1)
-local at = iso(now)
-redis.call('HSET', jk, 'status', 'assigned', 'worker_id', worker, 'assigned_at', at,
-  'emp_claimed_us', now_us(), 'emp_lease_until', tostring(now + lease_ms))
-redis.call('ZADD', K('@LEASES@'), now + lease_ms, id)
-local j = hgetall(jk)
-redis.call('HSET', K('@ACTIVE@' .. worker), id, cjson.encode(j))
-redis.call('HSET', K('@WORKER@' .. worker), 'status', 'busy', 'current_job_id', id)
-stream_event(id, 'claimed', { worker_id = worker, attempt = attempt }, maxlen, ttl)
-publish('@CH_JOB_CLAIMED@', { job_id = id, worker_id = worker, status = 'claimed',
-  claimed_at = at, timestamp = now, attempt = attempt })
-local out = { attempt }
-for f, v in pairs(j) do out[#out + 1] = f; out[#out + 1] = v end
-return out
+if wait_ms then return { -1, wait_ms } end
+return {}

@@ -1,20 +1,23 @@
--- requires: clock common loaded index final_fail requeue
+-- requires: clock common untrusted loaded index final_fail requeue fence outage
 -- Heartbeat, one command per beat:
 --  * refresh the worker record, its heartbeat key and workers:active; a live worker's record never
 --    expires (a past deregistration or offline mark set a TTL on it), so what is written to it only
 --    on change (emp_models, Queue.set_models) stays;
---  * renew the leases of the jobs this worker runs (holder and attempt checked); report the ones
---    it no longer holds (reaped, cancelled, taken over) so it stops them;
+--  * renew the leases of the jobs this worker runs (holder and attempt checked; one reaped from it
+--    that nobody has claimed since is taken back, see lib/fence.lua); report the ones it no
+--    longer holds (cancelled, taken over) so it stops them;
 --  * promote delayed retries that are due;
 --  * once per reap period fleet-wide (a lock), reap: put jobs whose lease expired back in the
 --    queue at their original place (spending an attempt), or fail them when none are left, and
---    mark workers whose heartbeat key is gone offline.
+--    mark workers whose heartbeat key is gone offline; not while the grace period after an
+--    outage is open (lib/outage.lua). A job the reaper cannot handle is quarantined.
 -- KEYS: none (every key is the prefix in ARGV[1] plus a name from worker/keys.py).
 -- ARGV: 1 prefix, 2 worker id, 3 heartbeat ttl s, 4 status, 5 JSON object of worker fields to
 --       set, 6 JSON object {job id: attempt} of the jobs this worker runs, 7 JSON list of the
 --       models the worker has loaded ('' to leave them as they are),
 --       8 options JSON: lease_ms, max_per_beat (jobs to promote/reap per beat at most),
---         reap_period_ms, retention_s, stream_maxlen.
+--         reap_period_ms, retention_s, stream_maxlen, away_ms (how long this worker's beats have
+--         been failing, when they were: see lib/outage.lua).
 -- Returns {leases renewed, jobs promoted, lost job ids (comma list), jobs reaped,
 --          1 when the record has no emp_models (deleted by someone else: write them again) else 0}.
 
@@ -36,9 +39,13 @@ if ARGV[7] ~= '' then set_loaded(worker, cjson.decode(ARGV[7])) end
 
 local renewed, lost = 0, {}
 for id, attempt in pairs(cjson.decode(ARGV[6])) do
-  local f = redis.call('HMGET', K('@JOB@' .. id), 'worker_id', 'status', 'attempt')
-  if f[1] == worker and (f[2] == 'assigned' or f[2] == 'in_progress') and f[3] == tostring(attempt) then
+  local f = redis.pcall('HMGET', K('@JOB@' .. id), 'worker_id', 'status', 'attempt')
+  if f['err'] then
+    lost[#lost + 1] = id
+  elseif f[1] == worker and (f[2] == 'assigned' or f[2] == 'in_progress') and f[3] == tostring(attempt) then
     redis.call('ZADD', K('@LEASES@'), ms + tonumber(opts['lease_ms']), id)
+    renewed = renewed + 1
+  elseif f[2] == 'pending' and reclaim(K('@JOB@' .. id), worker, tostring(attempt)) then
     renewed = renewed + 1
   else
     lost[#lost + 1] = id
@@ -56,29 +63,42 @@ for _, id in ipairs(redis.call('ZRANGEBYSCORE', K('@DELAYED@'), '-inf', ms, 'LIM
   end
 end
 
+-- Reap one expired lease; true when the job went back to the queue or failed.
+local function reap(id)
+  redis.call('ZREM', K('@LEASES@'), id)
+  local j = hgetall(K('@JOB@' .. id))
+  if j['status'] ~= 'assigned' and j['status'] ~= 'in_progress' then return false end
+  local holder = j['worker_id'] or ''
+  if holder ~= '' then
+    redis.call('HDEL', K('@ACTIVE@' .. holder), id)
+    redis.call('HSET', K('@WORKER@' .. holder), 'current_job_id', '')
+  end
+  local count = num_or(j['retry_count'], 0) + 1
+  local err = 'lease expired: worker ' .. holder .. ' stopped renewing it'
+  if count <= num_or(j['max_retries'], 3) then
+    redis.call('HSET', K('@JOB@' .. id), 'retry_count', tostring(count), 'error', err,
+      'last_failed_worker', holder, 'emp_last_failed_ms', tostring(ms),
+      'emp_reaped_from', holder .. '#' .. tostring(j['attempt']))
+    requeue(id, j, 0)
+    stream_event(id, 'requeued', { reason = err, retry_count = count }, maxlen, retention)
+    publish('@CH_JOB_SUBMITTED@', { job_id = id, service_required = j['service_required'],
+      retry = true, timestamp = ms })
+  else
+    final_fail(id, j, holder, err, count, retention, maxlen)
+  end
+  return true
+end
+
 local reaped = 0
-if redis.call('SET', K('@REAPER_LOCK@'), worker, 'NX', 'PX', tonumber(opts['reap_period_ms'])) then
+local reaper = redis.call('SET', K('@REAPER_LOCK@'), worker, 'NX', 'PX', tonumber(opts['reap_period_ms']))
+if reaper then heal_index_keys() end
+note_away(ms, tonumber(opts['lease_ms']), num_or(opts['away_ms'], 0))
+if reaper and reaping_allowed(ms, tonumber(opts['lease_ms'])) then
   for _, id in ipairs(redis.call('ZRANGEBYSCORE', K('@LEASES@'), '-inf', ms, 'LIMIT', 0, limit)) do
-    redis.call('ZREM', K('@LEASES@'), id)
-    local j = hgetall(K('@JOB@' .. id))
-    if j['status'] == 'assigned' or j['status'] == 'in_progress' then
-      local holder = j['worker_id'] or ''
-      if holder ~= '' then
-        redis.call('HDEL', K('@ACTIVE@' .. holder), id)
-        redis.call('HSET', K('@WORKER@' .. holder), 'current_job_id', '')
-      end
-      local count = (tonumber(j['retry_count']) or 0) + 1
-      local err = 'lease expired: worker ' .. holder .. ' stopped renewing it'
-      if count <= (tonumber(j['max_retries']) or 3) then
-        redis.call('HSET', K('@JOB@' .. id), 'retry_count', tostring(count), 'error', err,
-          'last_failed_worker', holder, 'emp_last_failed_ms', tostring(ms))
-        requeue(id, j, 0)
-        stream_event(id, 'requeued', { reason = err, retry_count = count }, maxlen, retention)
-        publish('@CH_JOB_SUBMITTED@', { job_id = id, service_required = j['service_required'],
-          retry = true, timestamp = ms })
-      else
-        final_fail(id, j, holder, err, count, retention, maxlen)
-      end
+    local ok, done = pcall(reap, id)
+    if not ok then
+      quarantine(id, 'the reaper cannot handle it: ' .. tostring(done), 'reaper', retention)
+    elseif done then
       reaped = reaped + 1
     end
   end
