@@ -383,6 +383,12 @@ class Worker:
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
 
+    def _unreadable_message(self, why: str) -> None:
+        """Anyone can publish anything: an unreadable message is counted and logged once."""
+        self.unreadable_messages += 1
+        if self.unreadable_messages == 1:
+            log.warning("ignoring an unreadable pub/sub message (%s); later ones are counted, not logged", why)
+
     def _on_message(self, message: Mapping[str, Any]) -> None:
         raw = message.get("data")
         try:
