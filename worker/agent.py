@@ -353,7 +353,7 @@ class Worker:
 
     async def _listen(self) -> None:
         backoff = Backoff()
-        channels = (self.keys.ch_job_submitted, self.keys.ch_cancel)
+        channels = (self.keys.ch_job_submitted, self.keys.ch_wake, self.keys.ch_cancel)
         while True:
             pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
             try:

@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn
 from rich.table import Table
 
@@ -50,13 +51,13 @@ def _clean_errors() -> Iterator[None]:
     try:
         yield
     except ConfigError as exc:
-        err.print(f"[red]configuration error:[/red] {exc}", highlight=False)
+        err.print(f"[red]configuration error:[/red] {escape(str(exc))}", highlight=False)
         raise typer.Exit(2) from None
     except EmpWorkerError as exc:
-        err.print(f"[red]error:[/red] {exc}", highlight=False)
+        err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
         raise typer.Exit(1) from None
     except (OSError, ConnectionError) as exc:
-        err.print(f"[red]error:[/red] cannot reach Redis: {type(exc).__name__}: {exc}", highlight=False)
+        err.print(f"[red]error:[/red] cannot reach Redis: {type(exc).__name__}: {escape(str(exc))}", highlight=False)
         raise typer.Exit(1) from None
 
 
@@ -156,7 +157,7 @@ async def _follow(client: Any, job_id: str) -> bool:
                 err.print(f"{event.kind} {json.dumps(event.data)[:200]}", highlight=False)
     job = await client.get(job_id)
     if job.get("status") == "completed":
-        out.print(f"completed: {job.get('result', '')[:2000]}", highlight=False)
+        out.print(f"completed: {json.dumps(await client.result(job_id))[:2000]}", highlight=False)
         return True
     out.print(f"{job.get('status', status)}: {job.get('error', '')}", highlight=False)
     return False

@@ -117,6 +117,15 @@ class Client:
         """The job hash ({} when unknown or expired)."""
         return dict(await self.redis.hgetall(self.keys.job(job_id)))
 
+    async def result(self, job_id: str) -> Any:
+        """A completed job's output: the job's ``result`` field (ours), else ``jobs:completed``
+        (what their worker writes: ``{success, data: {success, data: <output>, ...}}``)."""
+        raw = await self.redis.hget(self.keys.job(job_id), "result")
+        if raw is not None:
+            return _json_or_text(raw)
+        raw = await self.redis.hget(self.keys.completed, job_id)
+        return None if raw is None else unwrap_result(_json_or_text(raw))
+
     async def cancel(self, job_id: str, reason: str = "Job cancelled by user") -> str:
         """Cancel a pending or running job; returns its previous status."""
         previous, _holder = await self.queue.cancel(job_id, reason)
@@ -257,3 +266,20 @@ def _event(entry_id: str, fields: Mapping[str, str]) -> JobEvent:
     # emp-job-queue's own claim script writes flat fields with a `status` and no `event`
     kind = fields.get("event") or fields.get("status") or "?"
     return JobEvent(entry_id, kind, data if isinstance(data, dict) else dict(fields))
+
+
+def unwrap_result(record: Any) -> Any:
+    """The output in a ``jobs:completed`` record: ``{success, data: <JobResult>}`` where the
+    JobResult is ``{success, data: <output>, processing_time_ms, ...}`` (or, as emp-worker wrote it
+    before, the output itself)."""
+    value = record.get("data") if isinstance(record, dict) else record
+    if isinstance(value, dict) and "success" in value and "data" in value:
+        return value["data"]
+    return value
+
+
+def _json_or_text(raw: str) -> Any:
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return raw

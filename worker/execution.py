@@ -116,11 +116,22 @@ class Executor:
         )
         running.ctx = JobContext(job, reporter.report, log.getChild(job.service),
                                  previews=s.progress_previews, preview_max_bytes=s.preview_max_bytes)
+        await self._mark_started(job, running)
         reporter.start()
         try:
             return await self._run_connector(engine, job, running)
         finally:
             await reporter.close()
+
+    async def _mark_started(self, job: Job, running: RunningJob) -> None:
+        """``in_progress`` and ``started_at`` as the connector starts, as their worker writes them
+        (their processing time counts from here); a refused fence stops the job."""
+        try:
+            await self.queue.start(job.id, self.worker_id, job.attempt)
+        except StaleJob:
+            running.stop(StopReason.STALE)
+        except RedisUnavailable as exc:  # the first progress report writes them instead
+            log.warning("job %s: could not mark it started: %s", job.id, exc)
 
     async def _run_connector(
         self, engine: PluggedConnector, job: Job, running: RunningJob
@@ -186,7 +197,8 @@ class Executor:
                 f"result is {len(encoded.encode())} bytes; the limit is {self.settings.max_result_bytes} "
                 "(EMP_MAX_RESULT_BYTES): hand large outputs to ctx.add_output instead",
                 retryable=False, retries=job.retry_count)
-        if await self._persist(lambda: self.queue.complete(job.id, self.worker_id, job.attempt, encoded)):
+        envelope = json.dumps({"output_files": result["output_files"]}) if "output_files" in result else "{}"
+        if await self._persist(lambda: self.queue.complete(job.id, self.worker_id, job.attempt, encoded, envelope)):
             log.info("job %s completed", job.id)
             return Outcome.COMPLETED
         return Outcome.DROPPED

@@ -34,6 +34,7 @@ LOADED = "emp:loaded:"
 LEASES = "emp:leases"
 DELAYED = "emp:delayed"
 REAPER_LOCK = "emp:reaper:lock"
+TOTALS = "emp:totals:"  # + worker id: its job counters, copied into worker:{id} by each heartbeat
 RECONCILE_LOCK = "emp:reconcile:lock"
 RECONCILE_CURSOR = "emp:reconcile:cursor"
 QUARANTINE = "emp:quarantine"
@@ -51,6 +52,9 @@ CH_COMPLETE = "complete_job"
 CH_FAILED = "job_failed"
 CH_WORKER_STATUS = "worker_status"
 CH_CANCEL = "cancel_job"
+# Ours: wakes idle workers for a job put back for a retry. Not job_submitted: their webhook
+# service forwards every message there as a new submission.
+CH_WAKE = "emp:wake"
 
 # Every suffix above, by name: worker/scripts.py substitutes these into the Lua sources.
 LUA_NAMES: dict[str, str] = {
@@ -142,6 +146,11 @@ class Keys:
     def reconcile_lock(self) -> str:
         return f"{self.prefix}{RECONCILE_LOCK}"
 
+    def totals(self, worker_id: str) -> str:
+        """A worker's ``total_jobs_completed`` / ``total_jobs_failed``, kept apart from its record
+        (their API's start-up clean-up deletes ``worker:{id}``); the heartbeat copies them back."""
+        return f"{self.prefix}{TOTALS}{worker_id}"
+
     @property
     def reaper_lock(self) -> str:
         return f"{self.prefix}{REAPER_LOCK}"
@@ -191,3 +200,7 @@ class Keys:
     @property
     def ch_cancel(self) -> str:
         return f"{self.prefix}{CH_CANCEL}"
+
+    @property
+    def ch_wake(self) -> str:
+        return f"{self.prefix}{CH_WAKE}"

@@ -117,7 +117,8 @@ class Queue:
         self.redis = client
         self.keys = keys
         self.config = config
-        self._options = json.dumps({**dataclasses.asdict(config), "max_per_beat": MAX_PER_BEAT})
+        self._config_options = {**dataclasses.asdict(config), "max_per_beat": MAX_PER_BEAT}
+        self._options = json.dumps(self._config_options)
         self._scripts: dict[str, AsyncScript] = {
             name: client.register_script(source) for name, source in scripts.ALL.items()
         }
@@ -187,6 +188,10 @@ class Queue:
         except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
             raise RedisUnavailable(f"Redis is unreachable ({type(exc).__name__}); retrying") from exc
 
+    async def start(self, job_id: str, worker_id: str, attempt: int) -> None:
+        """The connector has the job now: ``in_progress``, ``started_at`` (StaleJob when not ours)."""
+        self._fenced(await self._run("start", job_id, worker_id, attempt, self._options), job_id)
+
     async def progress(self, job_id: str, worker_id: str, attempt: int, update: ProgressUpdate) -> None:
         reply = await self._run(
             "progress", job_id, worker_id, attempt, update.progress, update.message,
@@ -195,8 +200,10 @@ class Queue:
         )
         self._fenced(reply, job_id)
 
-    async def complete(self, job_id: str, worker_id: str, attempt: int, result: str) -> None:
-        reply = await self._run("complete", job_id, worker_id, attempt, result, self._options)
+    async def complete(self, job_id: str, worker_id: str, attempt: int, result: str, envelope: str = "{}") -> None:
+        """`result`: the connector's output (JSON); `envelope`: more JobResult fields (a JSON object)."""
+        options = self._options if envelope == "{}" else json.dumps({**self._config_options, "envelope": envelope})
+        reply = await self._run("complete", job_id, worker_id, attempt, result, options)
         self._fenced(reply, job_id)
 
     async def fail(

@@ -41,7 +41,7 @@ from importlib.resources.abc import Traversable
 
 from worker import keys
 
-SCRIPTS = ("submit", "claim", "progress", "complete", "fail", "hand_back", "heartbeat", "reconcile", "cancel",
+SCRIPTS = ("submit", "claim", "start", "progress", "complete", "fail", "hand_back", "heartbeat", "reconcile", "cancel",
            "set_loaded", "match_probe")
 
 _REQUIRES = re.compile(r"^-- requires:(.*)$", re.MULTILINE)

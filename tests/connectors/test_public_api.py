@@ -52,7 +52,8 @@ def test_the_readme_example_runs() -> None:
 
 def test_every_hook_is_prefixed_typed_and_documented() -> None:
     hooks = [f for name, f in inspect.getmembers(hookspecs, inspect.isfunction) if name.startswith("emp_")]
-    assert {h.__name__ for h in hooks} == {"emp_connectors", "emp_capabilities", "emp_job_finished", "emp_output_stores"}
+    assert {h.__name__ for h in hooks} == {"emp_connectors", "emp_capabilities", "emp_job_finished",
+                                           "emp_output_stores"}
     for hook in hooks:
         assert hook.__doc__ and "Called" in hook.__doc__, hook.__name__
         assert "return" in hook.__annotations__ and all(p in hook.__annotations__

@@ -78,7 +78,9 @@ async def test_job_from_their_api_is_claimed_progressed_completed(
     assert progress[-1]["progress"] == 100 and progress[-1]["total_steps"] == 4
     (complete,) = events[keys.ch_complete]
     assert complete["status"] == "completed" and complete["progress"] == 100
-    assert complete["result"]["steps"] == 4
+    envelope = complete["result"]  # their JobResult: clients read result.data
+    assert envelope["success"] is True and envelope["data"]["steps"] == 4
+    assert isinstance(envelope["processing_time_ms"], int) and envelope["processing_time_ms"] >= 0
     assert events[keys.ch_failed] == []
 
     job = await redis.hgetall(keys.job(job_id))
@@ -87,5 +89,5 @@ async def test_job_from_their_api_is_claimed_progressed_completed(
         assert job[field], field
     assert not await redis.exists(keys.active("their-api-worker"))
     done = json.loads(await redis.hget(keys.completed, job_id))
-    assert done["success"] is True and done["data"]["steps"] == 4
+    assert done["success"] is True and done["data"] == envelope and done["completed_at"]
     assert (await redis.hgetall(keys.job_progress(job_id)))["progress"] == "100"

@@ -1,8 +1,11 @@
 -- requires: clock common fence
 -- Complete a held job, exactly once.
 -- KEYS: none (every key is the prefix in ARGV[1] plus a name from worker/keys.py).
--- ARGV: 1 prefix, 2 job id, 3 worker id, 4 attempt, 5 result JSON,
---       6 options JSON: retention_s, stream_maxlen.
+-- ARGV: 1 prefix, 2 job id, 3 worker id, 4 attempt, 5 result JSON (the connector's output),
+--       6 options JSON: retention_s, stream_maxlen, envelope (JSON object: more JobResult fields).
+-- The job's `result` field keeps the connector's output; `jobs:completed` and `complete_job` carry
+-- their JobResult envelope {success, data, processing_time_ms, ...}, as their worker writes it.
+-- The envelope is spliced as text (cjson would turn the output's [] into {}).
 -- Returns {1} or {0, reason}.
 
 local id, worker, attempt = ARGV[2], ARGV[3], ARGV[4]
@@ -19,13 +22,14 @@ redis.call('HSET', jk, 'status', 'completed', 'completed_at', at,
   'processing_time', tostring(ms - started), 'result', ARGV[5])
 redis.call('HDEL', K('@ACTIVE@' .. worker), id)
 redis.call('ZREM', K('@LEASES@'), id)
-local result = decode(ARGV[5])
-if result == nil then result = ARGV[5] end
-redis.call('HSET', K('@COMPLETED@'), id, cjson.encode({ success = true, data = result,
-  completed_at = at }))
+local tail = type(opts['envelope']) == 'string' and opts['envelope'] or '{}'
+local envelope = '{"success":true,"data":' .. ARGV[5] .. ',"processing_time_ms":' .. tostring(ms - started)
+  .. (tail ~= '{}' and (',' .. string.sub(tail, 2)) or '}')
+redis.call('HSET', K('@COMPLETED@'), id, '{"success":true,"data":' .. envelope .. ',"completed_at":"' .. at .. '"}')
 redis.call('EXPIRE', K('@COMPLETED@'), retention)  -- as their worker does: the hash lives on while written
 local wk = K('@WORKER@' .. worker)
-redis.call('HINCRBY', wk, 'total_jobs_completed', 1)
+redis.call('HSET', wk, 'total_jobs_completed',
+  redis.call('HINCRBY', K('@TOTALS@' .. worker), 'total_jobs_completed', 1))
 redis.call('HSET', wk, 'status', 'idle', 'current_job_id', '')
 redis.call('HSET', K('@JOB@' .. id .. '@PROGRESS_HASH_SUFFIX@'), 'progress', '100',
   'status', 'completed', 'message', 'completed', 'updated_at', at)
@@ -33,10 +37,11 @@ redis.call('EXPIRE', jk, retention)
 redis.call('EXPIRE', K('@JOB@' .. id .. '@PROGRESS_HASH_SUFFIX@'), retention)
 stream_event(id, 'completed', { worker_id = worker, attempt = tonumber(attempt) }, maxlen, retention)
 local event = { job_id = id, worker_id = worker, progress = 100, status = 'completed',
-  message = 'Job completed successfully', result = result, timestamp = ms }
+  message = 'Job completed successfully', timestamp = ms }
 for _, f in ipairs({ 'workflow_id', 'current_step', 'total_steps', 'workflow_priority',
   'workflow_datetime' }) do
   if j[f] and j[f] ~= '' then event[f] = tonumber(j[f]) or j[f] end
 end
-publish('@CH_COMPLETE@', event)
+local encoded = cjson.encode(event)
+redis.call('PUBLISH', K('@CH_COMPLETE@'), string.sub(encoded, 1, -2) .. ',"result":' .. envelope .. '}')
 return {1}

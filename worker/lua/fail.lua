@@ -19,9 +19,9 @@ local max = tonumber(j['max_retries']) or 3
 local wk = K('@WORKER@' .. worker)
 redis.call('HDEL', K('@ACTIVE@' .. worker), id)
 redis.call('ZREM', K('@LEASES@'), id)
-redis.call('HINCRBY', wk, 'total_jobs_failed', 1)
+redis.call('HSET', wk, 'total_jobs_failed', redis.call('HINCRBY', K('@TOTALS@' .. worker), 'total_jobs_failed', 1))
 redis.call('HSET', wk, 'status', 'idle', 'current_job_id', '')
-if retryable and count <= max then
+if retryable and count < max then  -- max_retries counts attempts in all, as their worker does
   local ms = now_ms()
   redis.call('HSET', jk, 'retry_count', tostring(count), 'error', err,
     'last_failed_worker', worker, 'emp_last_failed_ms', tostring(ms))

@@ -35,6 +35,11 @@ for f, v in pairs(cjson.decode(ARGV[5])) do redis.call('HSET', wk, f, tostring(v
 redis.call('HSET', wk, 'worker_id', worker, 'status', ARGV[4], 'last_heartbeat', at)
 redis.call('HSETNX', wk, 'connected_at', at)
 redis.call('PERSIST', wk)
+local totals = redis.call('HGETALL', K('@TOTALS@' .. worker))
+if #totals > 0 then
+  redis.call('HSET', wk, unpack(totals))  -- counters survive someone deleting the record
+  redis.call('EXPIRE', K('@TOTALS@' .. worker), retention)
+end
 if ARGV[7] ~= '' then set_loaded(worker, cjson.decode(ARGV[7])) end
 
 local renewed, lost = 0, {}
@@ -58,7 +63,7 @@ for _, id in ipairs(redis.call('ZRANGEBYSCORE', K('@DELAYED@'), '-inf', ms, 'LIM
   local f = redis.call('HMGET', K('@JOB@' .. id), 'status', 'emp_pending_score')
   if f[1] == 'pending' then
     make_pending(id, f[2])
-    publish('@CH_JOB_SUBMITTED@', { job_id = id, retry = true, timestamp = ms })
+    publish('@CH_WAKE@', { job_id = id, timestamp = ms })
     promoted = promoted + 1
   end
 end
@@ -75,14 +80,13 @@ local function reap(id)
   end
   local count = num_or(j['retry_count'], 0) + 1
   local err = 'lease expired: worker ' .. holder .. ' stopped renewing it'
-  if count <= num_or(j['max_retries'], 3) then
+  if count < num_or(j['max_retries'], 3) then  -- max_retries: attempts in all, as theirs
     redis.call('HSET', K('@JOB@' .. id), 'retry_count', tostring(count), 'error', err,
       'last_failed_worker', holder, 'emp_last_failed_ms', tostring(ms),
       'emp_reaped_from', holder .. '#' .. tostring(j['attempt']))
     requeue(id, j, 0)
     stream_event(id, 'requeued', { reason = err, retry_count = count }, maxlen, retention)
-    publish('@CH_JOB_SUBMITTED@', { job_id = id, service_required = j['service_required'],
-      retry = true, timestamp = ms })
+    publish('@CH_WAKE@', { job_id = id, service_required = j['service_required'], timestamp = ms })
   else
     final_fail(id, j, holder, err, count, retention, maxlen)
   end
