@@ -127,6 +127,9 @@ class Worker:
         self._starting: dict[PluggedConnector, asyncio.Task[None]] = {}
         self._fields: dict[str, str] = {}  # the last worker record built
         self._tasks: set[asyncio.Task[Any]] = set()
+        #: called after each state change (the machine status publisher's wake-up); must not block
+        self.on_change: Callable[[], None] | None = None
+        self.last_activity_ms = int(time.time() * 1000)
 
     @property
     def gpu_problem(self) -> str:
@@ -145,6 +148,9 @@ class Worker:
         if new not in _TRANSITIONS[old]:
             raise RuntimeError(f"worker state cannot go from {old.value} to {new.value}")
         self.state = new
+        self.last_activity_ms = int(time.time() * 1000)
+        if self.on_change is not None:
+            self.on_change()
         # old_status/new_status for their API, status/previous_status for their webhook service
         event = {"worker_id": self.worker_id, "old_status": old.value, "new_status": new.value,
                  "status": new.value, "previous_status": old.value,

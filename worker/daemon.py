@@ -26,7 +26,9 @@ from worker.client import connect
 from worker.embedded import EmbeddedRedis
 from worker.errors import ConfigError
 from worker.hardware import Gpu, GpuReader, Hardware, discover_with, hardware_capabilities, open_reader
+from worker.keys import Keys
 from worker.logs import setup_logging
+from worker.machine import MachineStatus
 from worker.outputs import OutputPlacer
 from worker.settings import Settings, redact_url
 
@@ -126,6 +128,14 @@ async def _run(settings: Settings, embedded: bool, hardware: Hardware, slots: li
                            else f"{s.worker_id} (CPU only)" for s in slots))
         client = connect(url)
         try:
-            await run_slots([slot_worker(settings, client, plugins, hardware, reader, slot) for slot in slots])
+            workers = [slot_worker(settings, client, plugins, hardware, reader, slot) for slot in slots]
+            machine = MachineStatus(client, Keys(settings.key_prefix), settings.machine_id, workers)
+            stopped = asyncio.Event()
+            publisher = asyncio.create_task(machine.run(stopped))
+            try:
+                await run_slots(workers)
+            finally:
+                stopped.set()
+                await asyncio.wait({publisher}, timeout=5.0)
         finally:
             await client.aclose()

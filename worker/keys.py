@@ -52,6 +52,7 @@ CH_COMPLETE = "complete_job"
 CH_FAILED = "job_failed"
 CH_WORKER_STATUS = "worker_status"
 CH_CANCEL = "cancel_job"
+CH_MACHINE_STATUS = "machine:status:"  # + machine id
 # Ours: wakes idle workers for a job put back for a retry. Not job_submitted: their webhook
 # service forwards every message there as a new submission.
 CH_WAKE = "emp:wake"
@@ -204,3 +205,7 @@ class Keys:
     @property
     def ch_wake(self) -> str:
         return f"{self.prefix}{CH_WAKE}"
+
+    def machine_status(self, machine_id: str) -> str:
+        """Their monitor's machine channel (worker/machine.py)."""
+        return f"{self.prefix}{CH_MACHINE_STATUS}{machine_id}"
