@@ -64,9 +64,10 @@ class SimulatedOutput(BaseModel):
 
 
 class SimulationPayload(BaseModel):
-    """A simulation job's payload; unknown keys are allowed (and ignored)."""
+    """A simulation job's payload; an unknown key fails the job (a typo such as duration_ms would
+    otherwise run the default silently)."""
 
-    model_config = ConfigDict(extra="allow", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
     duration_s: float | None = Field(None, ge=0, le=MAX_DURATION_S)
     steps: int | None = Field(None, ge=1, le=MAX_STEPS)
@@ -114,6 +115,9 @@ class SimulationConnector(Connector):
         except ValidationError as exc:
             first = exc.errors()[0]
             where = ".".join(str(p) for p in first["loc"])
+            if first["type"] == "extra_forbidden" and len(first["loc"]) == 1:
+                known = ", ".join(SimulationPayload.model_fields)
+                raise PermanentJobError(f"invalid simulation payload: unknown field {where!r} (known: {known})") from None
             raise PermanentJobError(f"invalid simulation payload: {where}: {first['msg']}") from None
         d = self.defaults
         duration = spec.duration_s if spec.duration_s is not None else d.duration_s

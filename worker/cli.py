@@ -23,13 +23,14 @@ from worker import __version__
 from worker.errors import ConfigError, EmpWorkerError, InvalidJob
 from worker.settings import Settings, load_settings, redact_url
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+# Plain click help (no rich panels): flags read as flags (`--follow`), not as taking a value.
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
                   help="emp-worker: a GPU worker agent for the EmProps job queue.")
 out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
 T = TypeVar("T")
 
-REDIS_URL_HELP = "Redis URL \\[env: EMP_REDIS_URL, HUB_REDIS_URL]"
+REDIS_URL_HELP = "Redis URL [env: EMP_REDIS_URL, HUB_REDIS_URL]"
 
 
 def _version(value: bool) -> None:
@@ -82,10 +83,10 @@ def _settings(**overrides: Any) -> Settings:
 @app.command()
 def run(
     connectors: str = typer.Option(None, "--connectors", "-c",
-                                   help="Comma list of connectors \\[env: EMP_CONNECTORS, CONNECTORS]"),
+                                   help="Comma list of connectors [env: EMP_CONNECTORS, CONNECTORS]"),
     redis_url: str = typer.Option(None, "--redis-url", help=REDIS_URL_HELP),
-    worker_id: str = typer.Option(None, "--worker-id", help="Worker id \\[env: EMP_WORKER_ID, WORKER_ID]"),
-    machine_id: str = typer.Option(None, "--machine-id", help="\\[env: EMP_MACHINE_ID, MACHINE_ID]"),
+    worker_id: str = typer.Option(None, "--worker-id", help="Worker id [env: EMP_WORKER_ID, WORKER_ID]"),
+    machine_id: str = typer.Option(None, "--machine-id", help="[env: EMP_MACHINE_ID, MACHINE_ID]"),
     embedded: bool = typer.Option(False, "--embedded", help="Start a private Redis for a local trial."),
     gpu: int = typer.Option(None, "--gpu", min=0, help="Pin this worker to GPU I (one process per GPU)."),
 ) -> None:
@@ -106,6 +107,8 @@ def submit(
     customer_id: str = typer.Option("", "--customer-id"),
     max_retries: int = typer.Option(3, "--max-retries"),
     follow: bool = typer.Option(False, "--follow", "-f", help="Show progress; exit 0/1 on completion/failure"),
+    wait: bool = typer.Option(False, "--wait", help="With --follow: keep following even if no live worker can "
+                                                     "run the job yet"),
     redis_url: str = typer.Option(None, "--redis-url", help=REDIS_URL_HELP),
 ) -> None:
     """Submit a job (exactly as the emp-job-queue API does)."""
@@ -113,7 +116,7 @@ def submit(
     with _clean_errors():
         body = _json_object("--payload", payload)
         reqs = _json_object("--requirements", requirements) if requirements else None
-    ok = _run(_submit(settings, service, body, priority, reqs, customer_id, max_retries, follow))
+    ok = _run(_submit(settings, service, body, priority, reqs, customer_id, max_retries, follow, wait))
     raise typer.Exit(0 if ok else 1)
 
 
@@ -129,8 +132,9 @@ def _json_object(option: str, text: str) -> dict[str, Any]:
 
 async def _submit(settings: Settings, service: str, payload: dict[str, Any], priority: int,
                   requirements: dict[str, Any] | None, customer_id: str, max_retries: int,
-                  follow: bool) -> bool:
+                  follow: bool, wait: bool = False) -> bool:
     from worker.client import Client
+    from worker.matching import matches
 
     async with Client.from_url(settings.redis_url, settings.key_prefix) as client:
         job_id = await client.submit(service, payload, priority=priority, requirements=requirements,
@@ -138,6 +142,16 @@ async def _submit(settings: Settings, service: str, payload: dict[str, Any], pri
         out.print(job_id, highlight=False)
         if not follow:
             return True
+        live = await client.live_capabilities()
+        if not any(matches(caps, service, json.dumps(requirements) if requirements else "", customer_id)
+                   for caps in live.values()):
+            offering = sum(1 for caps in live.values() if service in (caps.get("services") or []))
+            why = (f"{offering} live worker(s) run {service!r} but none meets the job's requirements" if offering
+                   else f"no live worker runs {service!r}")
+            if not wait:
+                err.print(f"{why}: the job waits in the queue (follow it anyway with --wait)", highlight=False)
+                return False
+            err.print(f"{why} yet; waiting (--wait)", highlight=False)
         return await _follow(client, job_id)
 
 
@@ -226,7 +240,7 @@ def cancel(
 @app.command()
 def hardware(
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output"),
-    fake_gpus: str = typer.Option(None, "--fake-gpus", help="Pretend GPUs, e.g. 2x24GB \\[env: EMP_FAKE_GPUS]"),
+    fake_gpus: str = typer.Option(None, "--fake-gpus", help="Pretend GPUs, e.g. 2x24GB [env: EMP_FAKE_GPUS]"),
 ) -> None:
     """What this machine has (NVML and psutil): a table on a terminal, JSON otherwise."""
     from worker.hardware import discover

@@ -18,13 +18,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
+from redis.exceptions import RedisError
 
 from connectors.base import ConnectorConfig
 from connectors.manager import Plugins
 from worker.agent import Worker
 from worker.client import connect
 from worker.embedded import EmbeddedRedis
-from worker.errors import ConfigError
+from worker.errors import ConfigError, refused_credentials
 from worker.hardware import Gpu, GpuReader, Hardware, discover_with, hardware_capabilities, open_reader
 from worker.keys import Keys
 from worker.logs import setup_logging
@@ -120,6 +121,18 @@ def slot_worker(settings: Settings, client: aioredis.Redis, plugins: Plugins, ha
                   host=hardware.host())
 
 
+async def check_credentials(client: aioredis.Redis) -> None:
+    """Stop start-up with one line when Redis refuses our credentials; an unreachable Redis is an
+    outage the slots ride out (they retry, and check again when it answers)."""
+    try:
+        await client.ping()  # type: ignore[misc]  # redis-py types it with the sync client's union
+    except (RedisError, OSError) as exc:
+        refused = refused_credentials(exc)
+        if refused is not None:
+            raise refused from None
+        log.warning("Redis does not answer yet (%s); the worker keeps trying", type(exc).__name__)
+
+
 async def _run(settings: Settings, embedded: bool, hardware: Hardware, slots: list[Slot],
                reader: GpuReader | None, plugins: Plugins) -> None:
     with _redis_url(settings, embedded) as url:
@@ -128,6 +141,7 @@ async def _run(settings: Settings, embedded: bool, hardware: Hardware, slots: li
                            else f"{s.worker_id} (CPU only)" for s in slots))
         client = connect(url)
         try:
+            await check_credentials(client)
             workers = [slot_worker(settings, client, plugins, hardware, reader, slot) for slot in slots]
             machine = MachineStatus(client, Keys(settings.key_prefix), settings.machine_id, workers)
             stopped = asyncio.Event()

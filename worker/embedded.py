@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -52,8 +53,9 @@ def free_port() -> int:
 class EmbeddedRedis:
     """``with EmbeddedRedis() as server: server.url`` -- a redis-server of our own."""
 
-    def __init__(self, port: int | None = None, binary: str | None = None) -> None:
+    def __init__(self, port: int | None = None, binary: str | None = None, extra_args: Sequence[str] = ()) -> None:
         self.binary = binary or find_redis_server()
+        self.extra_args = list(extra_args)  # e.g. ["--requirepass", "secret"]
         self.port = port or free_port()
         self.process: subprocess.Popen[bytes] | None = None
         self._dir: tempfile.TemporaryDirectory[str] | None = None
@@ -66,7 +68,7 @@ class EmbeddedRedis:
         self._dir = tempfile.TemporaryDirectory(prefix="emp-redis-")
         args = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
                 "--appendonly", "no", "--dir", self._dir.name, "--daemonize", "no",
-                "--loglevel", "warning", "--logfile", os.path.join(self._dir.name, "redis.log")]
+                "--loglevel", "warning", "--logfile", os.path.join(self._dir.name, "redis.log"), *self.extra_args]
         # its own session: a signal to the worker's process group must not kill Redis mid-drain
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                         start_new_session=True)
@@ -76,7 +78,7 @@ class EmbeddedRedis:
                 raise ConfigError(f"redis-server exited at start (code {self.process.returncode})")
             with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), 0.2) as s:
                 s.sendall(b"PING\r\n")
-                if s.recv(16).startswith(b"+PONG"):
+                if s.recv(16).startswith((b"+PONG", b"-NOAUTH")):  # up (and maybe asking for a password)
                     return self
             time.sleep(0.02)  # polling a child process's readiness
         self.stop()

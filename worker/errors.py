@@ -58,3 +58,21 @@ class RetryableJobError(JobError):
     """A transient failure: another attempt, maybe on another worker, may succeed."""
 
     retryable = True
+
+
+def refused_credentials(exc: BaseException) -> ConfigError | None:
+    """A ConfigError when Redis refused this worker's credentials or permissions (a wrong or
+    missing password, an ACL without a needed command or key): configuration, not an outage,
+    so it stops start-up instead of being retried forever. None for any other error."""
+    from redis.exceptions import AuthenticationError, NoPermissionError, ResponseError
+
+    text = str(exc)
+    if isinstance(exc, NoPermissionError) or text.startswith("NOPERM"):
+        return ConfigError(f"EMP_REDIS_URL: the Redis user lacks a permission this worker needs ({text[:200]}); "
+                           "grant it the scripting, hash, sorted-set, stream and pub/sub commands on the keys "
+                           "and channels of its key prefix")
+    if isinstance(exc, AuthenticationError) or (isinstance(exc, ResponseError) and
+                                                text.startswith(("NOAUTH", "WRONGPASS"))):
+        return ConfigError(f"EMP_REDIS_URL: Redis refused this worker's credentials ({text[:200]}); "
+                           "put the right user and password in the URL, e.g. redis://user:password@host:6379/0")
+    return None

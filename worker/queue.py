@@ -15,7 +15,7 @@ import json
 from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, cast
+from typing import Any, NoReturn, cast
 
 import redis.asyncio as aioredis
 from redis.client import NEVER_DECODE
@@ -25,7 +25,7 @@ from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from worker import scripts
-from worker.errors import InvalidJob, RedisUnavailable, StaleJob
+from worker.errors import InvalidJob, RedisUnavailable, StaleJob, refused_credentials
 from worker.keys import MODELS_FIELD, Keys
 from worker.protocol import decode_reply, utc_iso
 
@@ -126,8 +126,8 @@ class Queue:
     async def _run(self, name: str, *args: str | int | float) -> Any:
         try:
             return await self._scripts[name](keys=[], args=[self.keys.prefix, *args])
-        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
-            raise RedisUnavailable(f"Redis is unreachable ({type(exc).__name__}); retrying") from exc
+        except (RedisConnectionError, RedisTimeoutError, OSError, ResponseError) as exc:
+            _raise_translated(exc)
 
     async def _run_undecoded(self, name: str, *args: str | int | float) -> Any:
         """Like _run, but the reply is left as bytes: it holds what others wrote (a job hash),
@@ -142,8 +142,8 @@ class Queue:
                 script.sha = await self.redis.script_load(script.script)
                 return await self.redis.execute_command(  # type: ignore[no-untyped-call]
                     "EVALSHA", script.sha, 0, *argv, **{NEVER_DECODE: True})
-        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
-            raise RedisUnavailable(f"Redis is unreachable ({type(exc).__name__}); retrying") from exc
+        except (RedisConnectionError, RedisTimeoutError, OSError, ResponseError) as exc:
+            _raise_translated(exc)
 
     async def submit(self, job_id: str, fields: Mapping[str, str], score: float) -> str:
         """Write a new job hash, add it to jobs:pending and our index; returns created_at."""
@@ -254,3 +254,14 @@ class Queue:
     def _fenced(reply: list[Any], job_id: str) -> None:
         if not reply[0]:
             raise StaleJob(f"job {job_id}: {reply[1]}")
+
+
+def _raise_translated(exc: BaseException) -> NoReturn:
+    """Redis's refusal of our credentials is configuration (ConfigError); a lost connection is an
+    outage (RedisUnavailable, retried); any other reply error is raised as it is."""
+    refused = refused_credentials(exc)
+    if refused is not None:
+        raise refused from exc
+    if isinstance(exc, ResponseError):
+        raise exc
+    raise RedisUnavailable(f"Redis is unreachable ({type(exc).__name__}); retrying") from exc

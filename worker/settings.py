@@ -21,6 +21,7 @@ from worker.errors import ConfigError
 from worker.hardware import parse_fake_gpus
 
 MAX_CAPABILITIES_BYTES = 8192
+LEASE_HEARTBEATS = 3  # a lease must outlast this many heartbeat intervals
 RESERVED_CAPABILITY_KEYS = frozenset({"services", "hardware", "models", "customer_access", "gpus", "worker_id",
                                       "job_service_required_map", "loaded_models", "workflow_id"})
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
@@ -99,6 +100,18 @@ class Settings(BaseSettings):
         scheme = urlsplit(value).scheme
         if scheme not in ("redis", "rediss", "unix"):
             raise ValueError("must be a redis://, rediss:// or unix:// URL")
+        try:
+            parts = urlsplit(value)
+            port = parts.port  # raises for a port that is no number or out of range
+        except ValueError as exc:
+            raise ValueError(f"is not a valid URL ({exc}); e.g. redis://:password@host:6379/0") from None
+        if scheme != "unix" and not parts.hostname:
+            raise ValueError("names no host; e.g. redis://:password@host:6379/0")
+        if port == 0:
+            raise ValueError("port 0 is not a port; e.g. redis://:password@host:6379/0")
+        database = parts.path.strip("/")
+        if scheme != "unix" and database and not database.isdigit():
+            raise ValueError(f"database {database[:20]!r} must be a number, e.g. redis://host:6379/0")
         return value
 
     @field_validator("worker_id", "machine_id")
@@ -201,6 +214,11 @@ def load_settings(**overrides: Any) -> Settings:
     clean = {f"EMP_{k.upper()}": v for k, v in overrides.items() if v is not None}
     try:
         settings = Settings(**clean)
+        if settings.lease_s < LEASE_HEARTBEATS * settings.heartbeat_interval_s:
+            raise ConfigError(f"EMP_LEASE_S={settings.lease_s:g}: must be at least {LEASE_HEARTBEATS} heartbeats "
+                              f"({LEASE_HEARTBEATS} x EMP_HEARTBEAT_INTERVAL_S={settings.heartbeat_interval_s:g} = "
+                              f"{LEASE_HEARTBEATS * settings.heartbeat_interval_s:g}s), or healthy jobs lose their "
+                              "lease between two renewals")
         if settings.customer_isolation == "strict" and not settings.allowed_customers:
             raise ConfigError("EMP_CUSTOMER_ISOLATION='strict': needs EMP_ALLOWED_CUSTOMERS (a comma list of "
                               "the customer ids this worker serves)")
