@@ -1,11 +1,12 @@
 """`emp-worker demo`: a private Redis, simulation workers on pretend GPUs of 24 and 80 GB, a batch
-of mixed-priority jobs (some needing 40 GB) moving through the queue with live progress, and a
-summary table."""
+of mixed-priority jobs (some needing 40 GB, one producing a 2 MB image through the output store)
+moving through the queue with live progress, and a summary table."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import random
 import time
@@ -67,9 +68,11 @@ async def _demo(url: str, prefix: str, jobs: int, workers: int, duration_s: floa
     ids: list[str] = []
     try:
         for n in range(jobs):
-            payload = {"duration_s": duration_s * rng.uniform(0.5, 1.5), "steps": 10,
+            payload: dict[str, Any] = {"duration_s": duration_s * rng.uniform(0.5, 1.5), "steps": 10,
                        "failure_rate": 0.15, "output_bytes": 64}
             big = {"hardware": {"gpu_memory_gb": 40}} if n % 4 == 3 else None
+            if n == 0:  # an engine's image: too big for the result, so it goes to the output store
+                payload.update(failure_rate=0.0, outputs=[{"bytes": 2_000_000, "content_type": "image/png"}])
             ids.append(await client.submit("simulation", payload, priority=PRIORITIES[n % 4], max_retries=3,
                                            requirements=big))
         console.print(f"Submitted {jobs} jobs with priorities {', '.join(map(str, PRIORITIES))} "
@@ -78,6 +81,10 @@ async def _demo(url: str, prefix: str, jobs: int, workers: int, duration_s: floa
         await _watch(client, ids, console, timeout_s=120 + jobs * duration_s * 3 / workers)
         rows = [await client.get(job_id) for job_id in ids]
         console.print(_summary(rows))
+        for row in rows:
+            for output in json.loads(row.get("result") or "{}").get("outputs", []):
+                console.print(f"Output of job {row['id'][:8]}: {output['name']} ({output['size_bytes']:,} bytes, "
+                              f"{output['content_type']}) at {output.get('url', 'inline')}", highlight=False)
         return all(row.get("status") in FINAL for row in rows)
     finally:
         for worker, _task in running:

@@ -73,3 +73,6 @@ async def test_demo_runs_and_places_40gb_jobs_on_the_80gb_gpu() -> None:
     assert proc.returncode == 0, text
     big_rows = [line for line in text.splitlines() if "40 GB" in line and "│" in line]  # summary rows
     assert len(big_rows) == 3 and all("80gb" in line for line in big_rows)
+    # one job's 2 MB image went through the output store (the autouse fixture's EMP_OUTPUT_DIR)
+    (shown,) = [line for line in text.splitlines() if line.startswith("Output of job")]
+    assert "(2,000,000 bytes, image/png) at file://" in shown
