@@ -210,6 +210,15 @@ class Client:
                 found[worker_id] = caps
         return found
 
+    async def quarantined(self) -> list[Quarantined]:
+        """The ids in quarantine with their reasons, oldest first."""
+        found = []
+        for job_id, raw in (await self.redis.hgetall(self.keys.quarantine)).items():
+            record = _json_object(raw)
+            found.append(Quarantined(job_id, str(record.get("reason", "")), str(record.get("where", "")),
+                                     str(record.get("at", ""))))
+        return sorted(found, key=lambda q: (q.at, q.job_id))
+
     async def unrunnable(self) -> list[Unrunnable]:
         """Pending job classes that no live worker matches (workers restricted to one workflow
         are left out: they only take that workflow's jobs)."""
@@ -235,6 +244,16 @@ class Client:
             found.append(Unrunnable(service, reqs, customer, pending, max(0.0, (now_ms - effective_ms) / 1000),
                                     reason))
         return sorted(found, key=lambda u: -u.pending)
+
+
+@dataclass(frozen=True)
+class Quarantined:
+    """An id no script could read or fail readably, parked in emp:quarantine (see worker/lua/lib/untrusted.lua)."""
+
+    job_id: str  # as stored: bytes that are not UTF-8 come as surrogate escapes (protocol.printable shows them)
+    reason: str
+    where: str  # which script set it aside: index, claim or reaper
+    at: str
 
 
 @dataclass(frozen=True)
