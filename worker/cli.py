@@ -184,10 +184,11 @@ def status(
 ) -> None:
     """Queue depth by service, and the live workers with their state."""
     settings = _settings(redis_url=redis_url)
-    depth, workers, stuck = _run(_status(settings))
+    depth, workers, stuck, waiting = _run(_status(settings))
     if as_json or not out.is_terminal:
         out.print_json(json.dumps({"pending": depth, "workers": [w.__dict__ for w in workers],
-                                   "unrunnable": [u.__dict__ for u in stuck]}))
+                                   "unrunnable": [u.__dict__ for u in stuck],
+                                   "waiting": [w.__dict__ for w in waiting]}))
         return
     queue = Table(title=f"Pending jobs ({redact_url(settings.redis_url)})")
     queue.add_column("service")
@@ -210,13 +211,22 @@ def status(
             warn.add_row(u.service, u.requirements[:80] or "-", u.customer_id or "-", str(u.pending),
                          f"{u.oldest_wait_s:.0f}s", u.reason)
         out.print(warn)
+    if waiting:
+        next_up = Table(title="Next in line, and why each is still waiting")
+        for column in ("job", "service", "waited", "why"):
+            next_up.add_column(column)
+        for w in waiting:
+            next_up.add_row(w.job_id, w.service, f"{w.waited_s:.0f}s", w.reason)
+        out.print(next_up)
 
 
-async def _status(settings: Settings) -> tuple[dict[str, int], list[Any], list[Any]]:
+async def _status(settings: Settings) -> tuple[dict[str, int], list[Any], list[Any], list[Any]]:
     from worker.client import Client
+    from worker.waiting import waiting_jobs
 
     async with Client.from_url(settings.redis_url, settings.key_prefix) as client:
-        return await client.queue_depth(), await client.workers(), await client.unrunnable()
+        return (await client.queue_depth(), await client.workers(), await client.unrunnable(),
+                await waiting_jobs(client, settings.retry_exclusion_s, settings.model_affinity_s))
 
 
 @app.command()
