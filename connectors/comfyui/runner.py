@@ -32,7 +32,7 @@ from connectors.comfyui.payload import ComfyJobSpec, rename_inputs
 from connectors.comfyui.progress import PromptTracker
 from connectors.comfyui.settings import ComfyUISettings
 from connectors.comfyui.ws import BINARY, DISCONNECTED, RECONNECTED, BinaryFrame, ComfySocket, Event
-from worker.errors import JobError, RetryableJobError
+from worker.errors import JobError, PermanentJobError, RetryableJobError
 
 log = logging.getLogger("emp.comfyui")
 
@@ -109,6 +109,9 @@ class PromptRun:
             answer = await self.client.submit(workflow, self.client_id, self.prompt_id, extra)
         except RetryableJobError:
             await self._withdraw()  # the POST may have queued it before the answer was lost
+            raise
+        except PermanentJobError:
+            self.ended.set()  # refused (400): nothing was queued, so there is nothing to withdraw
             raise
         finally:
             self.submitted.set()

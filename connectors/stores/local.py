@@ -17,6 +17,9 @@ from connectors.settings import ConnectorSettings
 from connectors.stores import OutputStore, Stored, StoreError, Upload
 
 
+FILE_MODE = 0o644
+
+
 class LocalSettings(ConnectorSettings):
     """EMP_OUTPUT_DIR and EMP_OUTPUT_BASE_URL."""
 
@@ -50,6 +53,7 @@ class LocalStore(OutputStore):
 def _write(target: Path, upload: Upload) -> tuple[int, str]:
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".part-")
+    os.fchmod(fd, FILE_MODE)  # mkstemp's 0600 would keep the file from whatever serves the directory
     try:
         with os.fdopen(fd, "wb") as sink, upload.open() as source:
             shutil.copyfileobj(source, sink, 1024 * 1024)

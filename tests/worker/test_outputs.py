@@ -170,7 +170,7 @@ async def test_five_megabyte_outputs_are_stored_and_redis_stays_small(
     assert put_result["output_files"] == [{"filename": "output-0.png", "url": f"{presigned.url}/outputs/{key}",
                                            "mime_type": "image/png", "filesize": MB5}]
     local_file = output_dir / "renders" / "local-job" / "000-output-0.png"
-    assert local_file.stat().st_size == MB5
+    assert local_file.stat().st_size == MB5 and local_file.stat().st_mode & 0o777 == 0o644  # readable when served
     assert json.loads(local_job["result"])["outputs"][0]["url"] == local_file.resolve().as_uri()
     for job_id, record in ((put_id, put_job), (local_id, local_job)):
         assert sum(len(k) + len(v) for k, v in record.items()) < RECORD_LIMIT

@@ -143,3 +143,16 @@ async def test_timeout_seconds_interrupts_only_this_prompt(fake: FakeComfyUI, st
     job = await client.get(job_id)
     assert "timed out" in json.dumps(job)
     assert [c.body for c in fake.interrupts] == [{"prompt_id": fake.prompts[-1].prompt_id}]
+
+
+async def test_a_refused_workflow_is_not_withdrawn_afterwards(fake: FakeComfyUI, comfy: ConnectorFactory) -> None:
+    """Seen against a real ComfyUI 0.3.64: after a 400 the connector used to send a /queue delete
+    and an /interrupt (in the background) for a prompt that was never queued."""
+    workflow = graph()
+    workflow["1"]["inputs"]["width"] = -5
+    connector = await comfy(fake)
+    with pytest.raises(PermanentJobError, match="width"):
+        await run_job(connector, make_job("comfyui", workflow))
+    await run_job(connector, make_job("comfyui", graph()))  # a later job: any clean-up of the first came before
+    posts = [path for method, path in fake.requests if method == "POST"]
+    assert posts == ["/prompt", "/prompt"] and fake.interrupts == [] and fake.queue_deletes == []
