@@ -117,7 +117,8 @@ class SimulationConnector(Connector):
             where = ".".join(str(p) for p in first["loc"])
             if first["type"] == "extra_forbidden" and len(first["loc"]) == 1:
                 known = ", ".join(SimulationPayload.model_fields)
-                raise PermanentJobError(f"invalid simulation payload: unknown field {where!r} (known: {known})") from None
+                raise PermanentJobError(f"invalid simulation payload: unknown field {where!r} "
+                                        f"(known: {known})") from None
             raise PermanentJobError(f"invalid simulation payload: {where}: {first['msg']}") from None
         d = self.defaults
         duration = spec.duration_s if spec.duration_s is not None else d.duration_s

@@ -16,7 +16,6 @@ from pydantic import field_validator
 from connectors.settings import ConnectorSettings
 from connectors.stores import OutputStore, Stored, StoreError, Upload
 
-
 FILE_MODE = 0o644
 
 
