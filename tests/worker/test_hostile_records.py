@@ -174,7 +174,7 @@ async def test_a_job_hash_whose_id_names_another_job_fails_and_leaves_that_job_a
 async def test_a_garbage_class_entry_never_stops_claims(
     raw: aioredis.Redis, keys: Keys, start_worker: WorkerFactory, garbage: bytes,
 ) -> None:
-    await raw.hset(keys.classes, "junk-class", garbage)
+    await raw.hset(keys.classes, mapping={"junk-class": garbage})
     worker = await start_worker()
     good = await put_good(raw, keys)
     await wait_status(raw, keys, good, "completed")
@@ -187,7 +187,7 @@ async def test_a_garbage_class_entry_of_a_real_class_is_rebuilt_from_its_jobs(
 ) -> None:
     job_id = await client.submit("simulation", {"duration_s": 0, "steps": 1})
     class_id = (await client.get(job_id))["emp_class"]
-    await raw.hset(keys.classes, class_id, b"garbage")
+    await raw.hset(keys.classes, mapping={class_id: b"garbage"})
     await start_worker()
     await wait_status(raw, keys, job_id, "completed")
 
