@@ -3,16 +3,27 @@
 Every hook call is guarded per plugin: a plugin whose hook raises has that contribution skipped
 with one ERROR line naming it (and remembered in ``problems`` for the worker record), while the
 other plugins' contributions still count.
+
+Plugins come from three places, in this order: the built-ins (``BUILTINS``, registered explicitly
+so that a frozen binary has them), the ``emp_worker`` entry points of installed packages, and the
+plugins directory (``EMP_PLUGINS_DIR``, see ``plugins_path``): each ``.py`` file and each package
+(a folder with ``__init__.py``) there is imported as a module of that name and registered. A file
+that fails to import, or whose hooks do not match the specs, is named in one ERROR line and left
+out; the others load.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import logging
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pluggy
@@ -29,11 +40,14 @@ log = logging.getLogger("emp.plugins")
 
 BUILTINS: tuple[object, ...] = (simulation, rest, a1111, comfyui, builtin_stores)
 SLOW_HOOK_S = 0.1
+PLUGINS_DIR_OFF = "off"  # EMP_PLUGINS_DIR=off: no plugins directory
+PLUGIN_PATH_ATTR = "__emp_plugin_path__"  # set on each module loaded from the plugins directory
 MAX_CAPABILITY_BYTES = 8192
 
 
-def get_plugin_manager(*, load_entry_points: bool = True) -> pluggy.PluginManager:
-    """Specs, then the built-ins (explicitly, so a frozen binary has them), then entry points."""
+def get_plugin_manager(*, load_entry_points: bool = True, plugins_dir: Path | None = None) -> pluggy.PluginManager:
+    """Specs, then the built-ins (explicitly, so a frozen binary has them), then entry points,
+    then the plugin files of `plugins_dir` (each checked on its own)."""
     pm = pluggy.PluginManager(hookspecs.PROJECT)
     pm.add_hookspecs(hookspecs)
     for plugin in BUILTINS:
@@ -41,7 +55,82 @@ def get_plugin_manager(*, load_entry_points: bool = True) -> pluggy.PluginManage
     if load_entry_points:
         pm.load_setuptools_entrypoints(hookspecs.PROJECT)
     pm.check_pending()
+    if plugins_dir is not None:
+        load_plugins_dir(pm, plugins_dir)
     return pm
+
+
+def plugins_path(setting: str) -> Path | None:
+    """The plugins directory ``EMP_PLUGINS_DIR`` names: a path; ``off`` for none; unset for the
+    default, ``plugins/`` beside the executable of a frozen binary and none for a pip install
+    (whose plugins are installed packages with an ``emp_worker`` entry point)."""
+    if setting == PLUGINS_DIR_OFF:
+        return None
+    if setting:
+        return Path(setting)
+    if getattr(sys, "frozen", False):
+        return Path(sys.executable).resolve().parent / "plugins"
+    return None
+
+
+def plugin_sources(directory: Path) -> list[tuple[str, Path]]:
+    """(module name, file to import) of each plugin in `directory`, in name order: ``name.py``
+    files and ``name/__init__.py`` packages; names starting with ``_`` or ``.`` are skipped."""
+    if not directory.is_dir():
+        return []
+    found: list[tuple[str, Path]] = []
+    for entry in sorted(directory.iterdir()):
+        if entry.name.startswith(("_", ".")):
+            continue
+        if entry.is_file() and entry.suffix == ".py" and entry.stem.isidentifier():
+            found.append((entry.stem, entry))
+        elif entry.is_dir() and entry.name.isidentifier() and (entry / "__init__.py").is_file():
+            found.append((entry.name, entry / "__init__.py"))
+    return found
+
+
+def load_plugins_dir(pm: pluggy.PluginManager, directory: Path) -> list[str]:
+    """Import and register every plugin of `directory`; the names of those registered. A plugin
+    that cannot be imported or registered is named in one ERROR line and skipped."""
+    loaded: list[str] = []
+    for name, path in plugin_sources(directory):
+        try:
+            module = _import_plugin(name, path)
+        except Exception as exc:  # SyntaxError, ImportError, anything its top level raises
+            first = str(exc).splitlines()[0][:300] if str(exc) else ""
+            log.error("plugin %s (%s) could not be loaded: %s: %s; skipped", name, path, type(exc).__name__, first)
+            continue
+        try:
+            pm.register(module, name=name)
+            pm.check_pending()
+        except Exception as exc:  # pluggy.PluginValidationError: a hook no spec has, bad arguments
+            if pm.is_registered(module):
+                pm.unregister(module)
+            sys.modules.pop(name, None)
+            log.error("plugin %s (%s) could not be registered: %s; skipped", name, path,
+                      " ".join(str(exc).split())[:300])
+            continue
+        loaded.append(name)
+    return loaded
+
+
+def _import_plugin(name: str, path: Path) -> ModuleType:
+    """Import `path` as module `name` (a package's own submodules and relative imports work)."""
+    if name in sys.modules:
+        raise ImportError(f"a module named {name!r} is already loaded; rename the plugin")
+    package = [str(path.parent)] if path.name == "__init__.py" else None
+    spec = importlib.util.spec_from_file_location(name, path, submodule_search_locations=package)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot import {path}")
+    module = importlib.util.module_from_spec(spec)
+    module.__dict__[PLUGIN_PATH_ATTR] = str(path.parent if package else path)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        sys.modules.pop(name, None)
+        raise
+    return module
 
 
 @dataclass(frozen=True)
@@ -59,8 +148,8 @@ class ConnectorInfo:
 class Plugins:
     """Typed, guarded access to the hooks."""
 
-    def __init__(self, pm: pluggy.PluginManager | None = None) -> None:
-        self.pm = pm or get_plugin_manager()
+    def __init__(self, pm: pluggy.PluginManager | None = None, *, plugins_dir: Path | None = None) -> None:
+        self.pm = pm or get_plugin_manager(plugins_dir=plugins_dir)
         #: "plugin: hook failed: ..." for each hook whose last call failed
         self.problems: dict[str, str] = {}
         self._settings: dict[type[Connector], ConnectorSettings] = {}
@@ -97,6 +186,10 @@ class Plugins:
         found = {id(plugin): (dist.project_name, dist.version) for plugin, dist in self.pm.list_plugin_distinfo()}
         for plugin in BUILTINS:
             found[id(plugin)] = ("emp-worker (built-in)", __version__)
+        for _, plugin in self.pm.list_name_plugin():
+            path = getattr(plugin, PLUGIN_PATH_ATTR, None)
+            if isinstance(path, str):
+                found[id(plugin)] = (path, str(getattr(plugin, "__version__", "-")))
         return found
 
     # --- connectors ----------------------------------------------------------------------------

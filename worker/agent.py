@@ -24,7 +24,10 @@ import contextlib
 import enum
 import json
 import logging
+import os
 import random
+import secrets
+import socket
 import time
 from collections import deque
 from collections.abc import Callable, Coroutine, Mapping, Sequence
@@ -32,13 +35,14 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from connectors.base import Connector, Outcome, StopReason
 from connectors.manager import Plugins
 from connectors.stores import builtin as builtin_stores
 from worker.advertise import Advertiser
-from worker.errors import RedisUnavailable, StaleJob
+from worker.errors import ConfigError, EmpWorkerError, RedisUnavailable, StaleJob
 from worker.execution import STOP_WAIT_S, Executor, RunningJob, stop_all
 from worker.guard import PluggedConnector
 from worker.hardware import Gpu
@@ -53,6 +57,15 @@ log = logging.getLogger("emp.worker")
 
 GPU_READ_TIMEOUT_S = 2.0
 LOADED_TIMEOUT_S = 1.0
+INSTANCE_ERROR = "EMP_INSTANCE "  # heartbeat.lua's refusal: another process holds the worker id
+
+
+class IdInUse(EmpWorkerError):
+    """A heartbeat was refused: another process (its token in `holder`) writes under this worker id."""
+
+    def __init__(self, worker_id: str, holder: str) -> None:
+        super().__init__(f"worker id {worker_id!r} is held by another process ({holder})")
+        self.holder = holder
 
 
 class WorkerState(enum.Enum):
@@ -127,9 +140,19 @@ class Worker:
         self._starting: dict[PluggedConnector, asyncio.Task[None]] = {}
         self._fields: dict[str, str] = {}  # the last worker record built
         self._tasks: set[asyncio.Task[Any]] = set()
+        #: this process's token on worker:{id}:instance (one writer per worker id)
+        self.instance = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+        self.displaced = False  # another process took the worker id over: write nothing more
+        #: loop name -> monotonic time its last turn ended (the systemd watchdog's sign of progress)
+        self.turns: dict[str, float] = {}
         #: called after each state change (the machine status publisher's wake-up); must not block
         self.on_change: Callable[[], None] | None = None
         self.last_activity_ms = int(time.time() * 1000)
+
+    @property
+    def redis_ok(self) -> bool:
+        """Whether the last heartbeat got through."""
+        return not self._beat_failed
 
     @property
     def gpu_problem(self) -> str:
@@ -170,6 +193,7 @@ class Worker:
 
     async def run(self) -> None:
         """Run until request_stop(); then drain, deregister and return."""
+        await self._wait_for_id()  # before any engine starts: a duplicate starts nothing
         await asyncio.gather(*(engine.start() for engine in self.engines))  # a failure: DOWN, retried
         await self._beat_until_registered()
         await self._set_state(WorkerState.IDLE)
@@ -194,6 +218,38 @@ class Worker:
             await self._set_state(WorkerState.STOPPED)
             log.info("worker %s stopped", self.worker_id)
 
+    async def _wait_for_id(self) -> None:
+        """Wait for another process's hold on this worker id to lapse (an orphan, the process a
+        restart replaces); ConfigError when it is still renewed after a heartbeat TTL (a live one)."""
+        key, deadline = self.keys.instance(self.worker_id), 0.0
+        while not self.stopping.is_set():
+            try:
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    pipe.get(key)
+                    pipe.pttl(key)
+                    holder, ttl_ms = await pipe.execute()
+            except (RedisConnectionError, RedisTimeoutError, OSError):
+                return  # cannot tell now: the first heartbeat decides, and never writes under another's token
+            if not holder or holder == self.instance:
+                return
+            now = time.monotonic()
+            if not deadline:  # its own TTL says when an unrenewed token is gone, whatever its settings
+                deadline = now + max(0, ttl_ms) / 1000 + 2 * self.settings.heartbeat_interval_s
+                log.warning("worker id %s is held by another process (%s); waiting up to %.0fs for it to let go",
+                            self.worker_id, holder, deadline - now)
+            elif now > deadline:
+                raise ConfigError(f"worker id {self.worker_id!r} is in use by another live process ({holder}); "
+                                  "give each process its own EMP_WORKER_ID (or --worker-id), or stop the other one")
+            await wait_for_event(self.stopping, min(self.settings.heartbeat_interval_s, 1.0))
+
+    def _displaced_by(self, exc: IdInUse) -> None:
+        """Another process writes under our id now (ours lapsed): stop at once, writing nothing more."""
+        if not self.displaced:
+            log.error("worker %s: %s; stopping without writing under it again", self.worker_id, exc)
+        self.displaced = True
+        self.request_stop()
+        self.fast_stop.set()
+
     async def _beat_until_registered(self) -> None:
         backoff = Backoff()
         await self._refresh()
@@ -205,6 +261,10 @@ class Worker:
                 delay = backoff.next_delay()
                 log.warning("cannot register worker %s: %s (next try in %.1fs)", self.worker_id, exc, delay)
                 await wait_for_event(self.stopping, delay)
+            except IdInUse as exc:  # taken between _wait_for_id and now: wait for it as for an outage
+                delay = backoff.next_delay()
+                log.warning("cannot register: %s (next try in %.1fs)", exc, delay)
+                await wait_for_event(self.stopping, delay)
             except Exception:
                 delay = backoff.next_delay()
                 log.exception("cannot register worker %s (next try in %.1fs)", self.worker_id, delay)
@@ -212,8 +272,9 @@ class Worker:
 
     async def _drain(self) -> None:
         await self._set_state(WorkerState.DRAINING)
-        with contextlib.suppress(RedisUnavailable):
-            await self._beat()
+        with contextlib.suppress(RedisUnavailable, IdInUse):
+            if not self.displaced:
+                await self._beat()
         if self.running:
             log.info("draining: waiting up to %.0fs for %d running job(s)",
                      self.settings.grace_period_s, len(self.running))
@@ -233,11 +294,13 @@ class Worker:
                 await self.queue.hand_back(job.job_id, self.worker_id, job.attempt, "worker draining")
 
     async def _deregister(self) -> None:
+        if self.displaced:  # the record and the token are the other process's now
+            return
         try:
             await self.queue.set_loaded(self.worker_id, [])
             async with self.redis.pipeline(transaction=True) as pipe:
                 pipe.srem(self.keys.workers_active, self.worker_id)
-                pipe.delete(self.keys.heartbeat(self.worker_id))
+                pipe.delete(self.keys.heartbeat(self.worker_id), self.keys.instance(self.worker_id))
                 pipe.hset(self.keys.worker(self.worker_id), mapping={
                     "status": "offline", "current_job_id": "", "last_heartbeat": utc_iso()})
                 pipe.expire(self.keys.worker(self.worker_id), self.settings.retention_s)
@@ -256,11 +319,16 @@ class Worker:
             self._fields = self.ads.record_fields(next(iter(self.running), ""))
         except Exception:  # never let the record cost the leases: beat with the last good one
             log.exception("could not build the worker record; beating with the last one")
-        fields = self._fields
+        fields = {**self._fields, "emp_instance": self.instance}
         away_ms = int((time.monotonic() - self._last_beat) * 1000) if self._beat_failed else 0
         try:
             beat = await self.queue.heartbeat(self.worker_id, status, fields, ttl, held, self.ads.loaded,
                                               away_ms=away_ms)
+        except ResponseError as exc:
+            if str(exc).startswith(INSTANCE_ERROR):  # nothing was written
+                raise IdInUse(self.worker_id, str(exc).removeprefix(INSTANCE_ERROR)) from None
+            self._beat_failed = True
+            raise
         except Exception:
             self._beat_failed = True
             raise
@@ -285,8 +353,11 @@ class Worker:
                 await duty()
             except RedisUnavailable as exc:
                 log.warning("%s failed: %s", what, exc)
+            except IdInUse as exc:
+                self._displaced_by(exc)
             except Exception:
                 log.exception("%s failed unexpectedly", what)
+            self.turns[what] = time.monotonic()
 
     # --- refresh loop: engines, GPU, hooks ---------------------------------------------------------
 
@@ -432,6 +503,8 @@ class Worker:
                 delay = backoff.next_delay()
                 log.exception("claim failed unexpectedly (next try in %.1fs)", delay)
                 await wait_for_event(self.stopping, delay)
+            self.turns["claim"] = time.monotonic()
+        self.turns.pop("claim", None)  # a loop that ended on purpose is no stalled loop
 
     async def _claim_once(self, backoff: Backoff) -> None:
         """One claim when a place is free, then the wait until the next one."""

@@ -136,7 +136,7 @@ async def _submit(settings: Settings, service: str, payload: dict[str, Any], pri
     from worker.client import Client
     from worker.matching import matches
 
-    async with Client.from_url(settings.redis_url, settings.key_prefix) as client:
+    async with Client.from_settings(settings) as client:
         job_id = await client.submit(service, payload, priority=priority, requirements=requirements,
                                      customer_id=customer_id, max_retries=max_retries)
         out.print(job_id, highlight=False)
@@ -224,7 +224,7 @@ async def _status(settings: Settings) -> tuple[dict[str, int], list[Any], list[A
     from worker.client import Client
     from worker.waiting import waiting_jobs
 
-    async with Client.from_url(settings.redis_url, settings.key_prefix) as client:
+    async with Client.from_settings(settings) as client:
         return (await client.queue_depth(), await client.workers(), await client.unrunnable(),
                 await waiting_jobs(client, settings.retry_exclusion_s, settings.model_affinity_s))
 
@@ -240,7 +240,7 @@ def cancel(
     async def go() -> str:
         from worker.client import Client
 
-        async with Client.from_url(settings.redis_url, settings.key_prefix) as client:
+        async with Client.from_settings(settings) as client:
             return await client.cancel(job_id)
 
     previous = _run(go())

@@ -25,6 +25,8 @@ from worker.keys import MODELS_FIELD, Keys
 from worker.matching import matches
 from worker.protocol import emp_job_queue_score, epoch_ms, submit_fields
 from worker.queue import Queue, QueueConfig
+from worker.redis_conn import RedisOptions, open_redis
+from worker.settings import Settings
 
 FINAL_EVENTS = frozenset({"completed", "failed", "cancelled"})
 FINAL_STATUSES = FINAL_EVENTS
@@ -63,14 +65,12 @@ def _json_list(raw: str | None) -> list[str]:
     return [str(v) for v in value] if isinstance(value, list) else []
 
 
-def connect(url: str) -> aioredis.Redis:
-    """A Redis client with bounded timeouts (no call waits forever). Whatever others wrote may
-    not be text: bytes that are not UTF-8 come back as surrogate escapes (which write back as the
-    same bytes) instead of raising in the middle of a reply; worker.protocol.is_text tells them."""
-    return aioredis.Redis.from_url(
-        url, decode_responses=True, encoding_errors="surrogateescape", socket_timeout=10.0,
-        socket_connect_timeout=5.0, health_check_interval=0,
-    )
+def connect(url: str, options: RedisOptions | None = None) -> aioredis.Redis:
+    """A Redis client with bounded timeouts (no call waits forever): one server by default, or the
+    TLS, Sentinel or Cluster set-up `options` describes (worker/redis_conn.py). Whatever others
+    wrote may not be text: bytes that are not UTF-8 come back as surrogate escapes (which write back
+    as the same bytes) instead of raising in the middle of a reply; worker.protocol.is_text tells them."""
+    return open_redis(url, options)
 
 
 class Client:
@@ -80,8 +80,13 @@ class Client:
         self.queue = Queue(redis, self.keys, QueueConfig())
 
     @classmethod
-    def from_url(cls, url: str, prefix: str = "") -> Client:
-        return cls(connect(url), Keys(prefix))
+    def from_url(cls, url: str, prefix: str = "", options: RedisOptions | None = None) -> Client:
+        return cls(connect(url, options), Keys(prefix))
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Client:
+        """A client of the Redis the settings name, in their mode (TLS, Sentinel, Cluster)."""
+        return cls.from_url(settings.redis_url, settings.key_prefix, RedisOptions.from_settings(settings))
 
     async def __aenter__(self) -> Client:
         return self

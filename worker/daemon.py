@@ -18,20 +18,21 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from connectors.base import ConnectorConfig
 from connectors.manager import Plugins
 from worker.agent import Worker
 from worker.client import connect
 from worker.embedded import EmbeddedRedis
-from worker.errors import ConfigError, refused_credentials
+from worker.errors import ConfigError
 from worker.hardware import Gpu, GpuReader, Hardware, discover_with, hardware_capabilities, open_reader
 from worker.keys import Keys
 from worker.logs import setup_logging
 from worker.machine import MachineStatus
 from worker.outputs import OutputPlacer
-from worker.settings import Settings, redact_url
+from worker.redis_conn import RedisOptions, describe, refused
+from worker.settings import Settings
 
 log = logging.getLogger("emp.daemon")
 
@@ -122,24 +123,25 @@ def slot_worker(settings: Settings, client: aioredis.Redis, plugins: Plugins, ha
 
 
 async def check_credentials(client: aioredis.Redis) -> None:
-    """Stop start-up with one line when Redis refuses our credentials; an unreachable Redis is an
-    outage the slots ride out (they retry, and check again when it answers)."""
+    """Stop start-up with one line when Redis refuses our credentials or our TLS set-up; an
+    unreachable Redis is an outage the slots ride out (they retry, and check again when it answers)."""
     try:
         await client.ping()  # type: ignore[misc]  # redis-py types it with the sync client's union
-    except (RedisError, OSError) as exc:
-        refused = refused_credentials(exc)
-        if refused is not None:
-            raise refused from None
+    except (RedisError, RedisClusterException, OSError) as exc:
+        refusal = refused(exc)
+        if refusal is not None:
+            raise refusal from None
         log.warning("Redis does not answer yet (%s); the worker keeps trying", type(exc).__name__)
 
 
 async def _run(settings: Settings, embedded: bool, hardware: Hardware, slots: list[Slot],
                reader: GpuReader | None, plugins: Plugins) -> None:
     with _redis_url(settings, embedded) as url:
-        log.info("connecting to %s: %d slot(s): %s", redact_url(url), len(slots),
+        options = RedisOptions() if embedded else RedisOptions.from_settings(settings)
+        log.info("connecting to %s: %d slot(s): %s", describe(url, options), len(slots),
                  ", ".join(f"{s.worker_id} ({s.gpu.name}, {s.gpu.memory_total_gb:g} GB)" if s.gpu
                            else f"{s.worker_id} (CPU only)" for s in slots))
-        client = connect(url)
+        client = connect(url, options)
         try:
             await check_credentials(client)
             workers = [slot_worker(settings, client, plugins, hardware, reader, slot) for slot in slots]

@@ -6,6 +6,10 @@ their API server and monitor read them. The ``emp:`` names are ours; an old read
 An optional prefix is put in front of every name. Production uses the empty prefix (their layout);
 tests use a unique prefix each so that they never touch keys they did not create.
 
+Redis Cluster (opt-in, EMP_REDIS_CLUSTER): the prefix carries a hash tag, e.g. ``{emp}:``, so that
+every key, per-job keys included, hashes to the tag's one slot and every script runs on one node.
+That layout is not emp-job-queue's (their keys have no tag): their API and monitor do not see it.
+
 Lua scripts derive per-job keys (``job:{id}``...) from the prefix passed in ARGV, with the same
 suffixes as below: ``JOB``, ``PROGRESS_HASH``, ``PROGRESS_STREAM``, ``ACTIVE``.
 """
@@ -21,6 +25,9 @@ PROGRESS_HASH_SUFFIX = ":progress"
 ACTIVE = "jobs:active:"
 WORKER = "worker:"
 HEARTBEAT_SUFFIX = ":heartbeat"
+# + on worker:{id}: the token of the one process writing under that id (set by its heartbeat with the
+# heartbeat's TTL; a second process with the id waits for it to lapse or refuses to start)
+INSTANCE_SUFFIX = ":instance"
 CLASS_QUEUE = "emp:q:"
 PENDING = "jobs:pending"
 COMPLETED = "jobs:completed"
@@ -63,11 +70,26 @@ LUA_NAMES: dict[str, str] = {
 }
 
 
+def hash_tag_of(prefix: str) -> str | None:
+    """The hash tag every key under `prefix` shares in Redis Cluster: the text between the first
+    ``{`` and the next ``}`` (None when there is none or it is empty: Redis then hashes whole keys)."""
+    start = prefix.find("{")
+    end = prefix.find("}", start + 1) if start >= 0 else -1
+    return prefix[start + 1 : end] if end > start + 1 else None
+
+
 @dataclass(frozen=True)
 class Keys:
     """Key and channel names under one prefix."""
 
     prefix: str = ""
+
+    @property
+    def routing_keys(self) -> tuple[str, ...]:
+        """What a script declares as its KEYS: with a hash-tagged prefix, the prefix itself (a name
+        in the tag's slot, so that a cluster client sends the script to that slot's node; the
+        scripts ignore it and derive their keys from ARGV[1]); none otherwise."""
+        return (self.prefix,) if hash_tag_of(self.prefix) is not None else ()
 
     # --- emp-job-queue keys -------------------------------------------------------------------
     def job(self, job_id: str) -> str:
@@ -96,6 +118,10 @@ class Keys:
 
     def heartbeat(self, worker_id: str) -> str:
         return f"{self.prefix}{WORKER}{worker_id}{HEARTBEAT_SUFFIX}"
+
+    def instance(self, worker_id: str) -> str:
+        """The token (``host:pid:random``) of the process that writes under `worker_id` now."""
+        return f"{self.prefix}{WORKER}{worker_id}{INSTANCE_SUFFIX}"
 
     @property
     def workers_active(self) -> str:

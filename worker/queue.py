@@ -20,8 +20,15 @@ from typing import Any, NoReturn, cast
 import redis.asyncio as aioredis
 from redis.client import NEVER_DECODE
 from redis.commands.core import AsyncScript
+from redis.exceptions import (
+    ClusterDownError,
+    NoScriptError,
+    ReadOnlyError,
+    RedisClusterException,
+    ResponseError,
+    TryAgainError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from worker import scripts
@@ -122,27 +129,31 @@ class Queue:
         self._scripts: dict[str, AsyncScript] = {
             name: client.register_script(source) for name, source in scripts.ALL.items()
         }
+        # a hash-tagged prefix is declared as the one key, so a cluster client routes to its slot
+        self._route = list(keys.routing_keys)
 
     async def _run(self, name: str, *args: str | int | float) -> Any:
+        """Run a script (redis-py's AsyncScript loads it again when Redis answers NOSCRIPT: after
+        SCRIPT FLUSH, a restart or a failover to a replica that never had it)."""
         try:
-            return await self._scripts[name](keys=[], args=[self.keys.prefix, *args])
-        except (RedisConnectionError, RedisTimeoutError, OSError, ResponseError) as exc:
+            return await self._scripts[name](keys=self._route, args=[self.keys.prefix, *args])
+        except _REDIS_ERRORS as exc:
             _raise_translated(exc)
 
     async def _run_undecoded(self, name: str, *args: str | int | float) -> Any:
         """Like _run, but the reply is left as bytes: it holds what others wrote (a job hash),
         which need not be text; the caller decodes it (decode_reply)."""
         script = self._scripts[name]
-        argv = [self.keys.prefix, *args]
+        numkeys_keys_argv = [len(self._route), *self._route, self.keys.prefix, *args]
         try:
             try:
                 return await self.redis.execute_command(  # type: ignore[no-untyped-call]
-                    "EVALSHA", script.sha, 0, *argv, **{NEVER_DECODE: True})
-            except NoScriptError:
+                    "EVALSHA", script.sha, *numkeys_keys_argv, **{NEVER_DECODE: True})
+            except NoScriptError:  # flushed, restarted or failed over: load it and run it again
                 script.sha = await self.redis.script_load(script.script)
                 return await self.redis.execute_command(  # type: ignore[no-untyped-call]
-                    "EVALSHA", script.sha, 0, *argv, **{NEVER_DECODE: True})
-        except (RedisConnectionError, RedisTimeoutError, OSError, ResponseError) as exc:
+                    "EVALSHA", script.sha, *numkeys_keys_argv, **{NEVER_DECODE: True})
+        except _REDIS_ERRORS as exc:
             _raise_translated(exc)
 
     async def submit(self, job_id: str, fields: Mapping[str, str], score: float) -> str:
@@ -256,12 +267,22 @@ class Queue:
             raise StaleJob(f"job {job_id}: {reply[1]}")
 
 
+_REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError, ResponseError, RedisClusterException)
+# Replies that mean "not now" during a failover or a cluster reconfiguration, not a bug
+_PASSING = (ReadOnlyError, ClusterDownError, TryAgainError, RedisClusterException)
+_PASSING_TEXT = ("READONLY", "LOADING", "MASTERDOWN", "CLUSTERDOWN", "TRYAGAIN")
+
+
 def _raise_translated(exc: BaseException) -> NoReturn:
-    """Redis's refusal of our credentials is configuration (ConfigError); a lost connection is an
-    outage (RedisUnavailable, retried); any other reply error is raised as it is."""
+    """Redis's refusal of our credentials is configuration (ConfigError); a lost connection, or a
+    reply that says Redis is failing over or reconfiguring its cluster, is an outage
+    (RedisUnavailable, retried); any other reply error is raised as it is."""
     refused = refused_credentials(exc)
     if refused is not None:
         raise refused from exc
+    text = str(exc)
+    if isinstance(exc, _PASSING) or text.startswith(_PASSING_TEXT) or "cluster is down" in text:
+        raise RedisUnavailable(f"Redis is unavailable ({type(exc).__name__}: {text[:120]}); retrying") from exc
     if isinstance(exc, ResponseError):
         raise exc
     raise RedisUnavailable(f"Redis is unreachable ({type(exc).__name__}); retrying") from exc

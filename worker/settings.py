@@ -9,16 +9,19 @@ A bad value raises ConfigError naming the variable, the value and what is allowe
 from __future__ import annotations
 
 import json
+import os
 import re
 import socket
+import ssl
 from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import AliasChoices, Field, ValidationError, field_validator
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from worker.errors import ConfigError
 from worker.hardware import parse_fake_gpus
+from worker.keys import hash_tag_of
 
 MAX_CAPABILITIES_BYTES = 8192
 LEASE_HEARTBEATS = 3  # a lease must outlast this many heartbeat intervals
@@ -60,6 +63,15 @@ class Settings(BaseSettings):
     )
 
     redis_url: str = _env("redis_url", "redis://127.0.0.1:6379/0", "HUB_REDIS_URL")
+    redis_ca_cert: str = _env("redis_ca_cert", "")  # PEM files for rediss:// (worker/redis_conn.py)
+    redis_client_cert: str = _env("redis_client_cert", "")
+    redis_client_key: str = _env("redis_client_key", "")
+    redis_tls_verify: bool = _env("redis_tls_verify", True)
+    redis_sentinels: str = _env("redis_sentinels", "")
+    redis_master_name: str = _env("redis_master_name", "", pattern=r"^[A-Za-z0-9._-]{0,128}$")
+    redis_sentinel_username: str = _env("redis_sentinel_username", "")
+    redis_sentinel_password: SecretStr = _env("redis_sentinel_password", SecretStr(""))
+    redis_cluster: bool = _env("redis_cluster", False)
     key_prefix: str = _env("key_prefix", "")
     worker_id: str = _env("worker_id", "", "WORKER_ID")
     machine_id: str = _env("machine_id", None, "MACHINE_ID", default_factory=socket.gethostname)
@@ -93,6 +105,8 @@ class Settings(BaseSettings):
     output_store: str = _env("output_store", "local", pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = _env("log_level", "INFO")
     log_format: Literal["auto", "text", "json"] = _env("log_format", "auto")
+    # plugins/ beside a frozen binary when unset; "off": none (connectors/manager.py plugins_path)
+    plugins_dir: str = _env("plugins_dir", "")
 
     @field_validator("redis_url")
     @classmethod
@@ -113,6 +127,20 @@ class Settings(BaseSettings):
         if scheme != "unix" and database and not database.isdigit():
             raise ValueError(f"database {database[:20]!r} must be a number, e.g. redis://host:6379/0")
         return value
+
+    @field_validator("redis_ca_cert", "redis_client_cert", "redis_client_key")
+    @classmethod
+    def _check_pem_file(cls, value: str) -> str:
+        if value and not os.path.isfile(value):
+            raise ValueError("no such file (a PEM file's path is expected)")
+        if value and not os.access(value, os.R_OK):
+            raise ValueError("the worker may not read this file")
+        return value
+
+    @field_validator("redis_sentinels")
+    @classmethod
+    def _check_sentinels(cls, value: str) -> str:
+        return ",".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in parse_sentinels(value))
 
     @field_validator("worker_id", "machine_id")
     @classmethod
@@ -179,6 +207,66 @@ class Settings(BaseSettings):
         return parsed
 
 
+def parse_sentinels(value: str) -> list[tuple[str, int]]:
+    """``host:port,host:port`` (``[v6 address]:port`` too) -> [(host, port), ...]; a ValueError
+    saying what is allowed."""
+    found = []
+    for item in _split(value):
+        host, sep, port = item.rpartition(":")
+        host = host.removeprefix("[").removesuffix("]")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"{item[:80]!r} is not host:port; e.g. 10.0.0.5:26379,10.0.0.6:26379")
+        found.append((host, int(port)))
+    if len(found) > 64:
+        raise ValueError("names more than 64 sentinels")
+    return found
+
+
+def _check_tls(settings: Settings) -> None:
+    """The TLS files belong to rediss:// and must load: a bad PEM or a key that is not the
+    certificate's is one line at start-up, not a handshake failing later."""
+    files = [("EMP_REDIS_CA_CERT", settings.redis_ca_cert), ("EMP_REDIS_CLIENT_CERT", settings.redis_client_cert),
+             ("EMP_REDIS_CLIENT_KEY", settings.redis_client_key)]
+    given = [name for name, path in files if path]
+    if given and urlsplit(settings.redis_url).scheme != "rediss":
+        raise ConfigError(f"{given[0]} is set but EMP_REDIS_URL={_shown(settings.redis_url)} is not TLS: use "
+                          "rediss://")
+    if settings.redis_client_key and not settings.redis_client_cert:
+        raise ConfigError("EMP_REDIS_CLIENT_KEY is set without EMP_REDIS_CLIENT_CERT: set both")
+    if not given:
+        return
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    try:
+        if settings.redis_ca_cert:
+            context.load_verify_locations(cafile=settings.redis_ca_cert)
+    except (ssl.SSLError, ValueError) as exc:
+        raise ConfigError(f"EMP_REDIS_CA_CERT={settings.redis_ca_cert!r}: not a PEM certificate ({exc})") from None
+    try:
+        if settings.redis_client_cert:
+            context.load_cert_chain(settings.redis_client_cert, settings.redis_client_key or None)
+    except (ssl.SSLError, ValueError) as exc:
+        raise ConfigError(f"EMP_REDIS_CLIENT_CERT={settings.redis_client_cert!r}: the certificate and "
+                          f"EMP_REDIS_CLIENT_KEY do not load as a PEM pair ({exc})") from None
+
+
+def _check_redis_mode(settings: Settings) -> None:
+    """Sentinel and Cluster are each a mode with needs of its own; they do not mix."""
+    if settings.redis_sentinels and not settings.redis_master_name:
+        raise ConfigError("EMP_REDIS_SENTINELS is set: needs EMP_REDIS_MASTER_NAME (the master name the "
+                          "sentinels monitor, e.g. mymaster)")
+    if not settings.redis_cluster:
+        return
+    if settings.redis_sentinels:
+        raise ConfigError("EMP_REDIS_CLUSTER=true and EMP_REDIS_SENTINELS are two modes: set one")
+    parts = urlsplit(settings.redis_url)
+    if parts.scheme == "unix" or parts.path.strip("/") not in ("", "0"):
+        raise ConfigError(f"EMP_REDIS_URL={_shown(settings.redis_url)}: Redis Cluster needs a host URL of "
+                          "database 0, e.g. redis://node1:6379/0")
+    if hash_tag_of(settings.key_prefix) is None:
+        raise ConfigError(f"EMP_KEY_PREFIX={settings.key_prefix!r}: Redis Cluster mode needs a hash tag in the "
+                          "prefix so that every key is in one slot, e.g. EMP_KEY_PREFIX={emp}:")
+
+
 def _split(value: str) -> list[str]:
     return [part.strip() for part in value.split(",") if part.strip()]
 
@@ -222,6 +310,8 @@ def load_settings(**overrides: Any) -> Settings:
         if settings.customer_isolation == "strict" and not settings.allowed_customers:
             raise ConfigError("EMP_CUSTOMER_ISOLATION='strict': needs EMP_ALLOWED_CUSTOMERS (a comma list of "
                               "the customer ids this worker serves)")
+        _check_tls(settings)
+        _check_redis_mode(settings)
         return settings
     except ValidationError as exc:
         error = exc.errors()[0]

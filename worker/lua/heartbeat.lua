@@ -18,6 +18,9 @@
 --       8 options JSON: lease_ms, max_per_beat (jobs to promote/reap per beat at most),
 --         reap_period_ms, retention_s, stream_maxlen, away_ms (how long this worker's beats have
 --         been failing, when they were: see lib/outage.lua).
+-- A worker id is written by one process at a time: when the fields carry emp_instance (the
+-- writer's token), worker:{id}:instance must be absent or hold that token; it is then set with the
+-- heartbeat TTL, else nothing is written and the script fails with 'EMP_INSTANCE <holder token>'.
 -- Returns {leases renewed, jobs promoted, lost job ids (comma list), jobs reaped,
 --          1 when the record has no emp_models (deleted by someone else: write them again) else 0}.
 
@@ -28,10 +31,16 @@ local opts = cjson.decode(ARGV[8])
 local limit, retention, maxlen = tonumber(opts['max_per_beat']), tonumber(opts['retention_s']),
   tonumber(opts['stream_maxlen'])
 local wk = K('@WORKER@' .. worker)
+local fields = cjson.decode(ARGV[5])
+if fields['emp_instance'] then
+  local holder = redis.call('GET', K('@WORKER@' .. worker .. '@INSTANCE_SUFFIX@'))
+  if holder and holder ~= fields['emp_instance'] then return redis.error_reply('EMP_INSTANCE ' .. holder) end
+  redis.call('SET', K('@WORKER@' .. worker .. '@INSTANCE_SUFFIX@'), fields['emp_instance'], 'EX', tonumber(ARGV[3]))
+end
 local models_missing = redis.call('HEXISTS', wk, '@MODELS_FIELD@') == 0 and 1 or 0
 redis.call('SET', K('@WORKER@' .. worker .. '@HEARTBEAT_SUFFIX@'), at, 'EX', tonumber(ARGV[3]))
 redis.call('SADD', K('@WORKERS_ACTIVE@'), worker)
-for f, v in pairs(cjson.decode(ARGV[5])) do redis.call('HSET', wk, f, tostring(v)) end
+for f, v in pairs(fields) do redis.call('HSET', wk, f, tostring(v)) end
 redis.call('HSET', wk, 'worker_id', worker, 'status', ARGV[4], 'last_heartbeat', at)
 redis.call('HSETNX', wk, 'connected_at', at)
 redis.call('PERSIST', wk)
