@@ -287,10 +287,11 @@ def plugins(
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output"),
 ) -> None:
     """The connectors installed: name, services, plugin, package and version."""
-    from connectors.manager import Plugins
+    from connectors.manager import Plugins, plugins_path
 
+    settings = _settings()
     with _clean_errors():
-        found = Plugins().installed()
+        found = Plugins(plugins_dir=plugins_path(settings.plugins_dir)).installed()
     rows = [{"name": i.name, "services": list(i.services), "plugin": i.plugin, "package": i.package,
              "version": i.version} for i in found]
     if as_json or not out.is_terminal:

@@ -14,6 +14,7 @@ import contextlib
 import functools
 import logging
 import signal
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -21,7 +22,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisClusterException, RedisError
 
 from connectors.base import ConnectorConfig
-from connectors.manager import Plugins
+from connectors.manager import Plugins, plugins_path
 from worker.agent import Worker
 from worker.client import connect
 from worker.embedded import EmbeddedRedis
@@ -74,21 +75,39 @@ def _redis_url(settings: Settings, embedded: bool) -> Iterator[str]:
         yield server.url
 
 
+class StopSignals:
+    """SIGTERM/SIGINT -> request_stop() on every slot. The same stop arriving twice at once is one
+    request: a signal sent to a one-file binary's process group (a terminal's Ctrl-C, systemd's
+    KillMode=control-group, PM2's treekill) reaches the worker directly *and* through the
+    bootloader, which forwards it. Only a signal ECHO_S after the first skips the drain."""
+
+    ECHO_S = 1.0
+
+    def __init__(self, workers: list[Worker]) -> None:
+        self.workers = workers
+        self.first: float | None = None
+
+    def __call__(self) -> None:
+        now = time.monotonic()
+        if self.first is not None and now - self.first < self.ECHO_S:
+            return
+        self.first = self.first or now
+        for worker in self.workers:
+            worker.request_stop()
+
+
 async def run_slots(workers: list[Worker]) -> None:
     """Run every slot until a stop signal; a slot that crashes drains the others, then re-raises."""
     loop = asyncio.get_running_loop()
-
-    def stop_all() -> None:
-        for worker in workers:
-            worker.request_stop()
-
+    stop_all = StopSignals(workers)
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop_all)
     tasks = [asyncio.create_task(w.run(), name=w.worker_id) for w in workers]
     done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
     failed = [t for t in done if t.exception() is not None]
     if failed:
-        log.error("worker slot %s crashed; stopping the other slots", failed[0].get_name())
+        if not isinstance(failed[0].exception(), ConfigError):  # a refusal is its own one line
+            log.error("worker slot %s crashed; stopping the other slots", failed[0].get_name())
         stop_all()
     await asyncio.gather(*tasks, return_exceptions=True)
     crash = failed[0].exception() if failed else None
@@ -98,7 +117,7 @@ async def run_slots(workers: list[Worker]) -> None:
 
 async def run_daemon(settings: Settings, *, embedded: bool = False, gpu_index: int | None = None) -> None:
     setup_logging(settings.log_level, settings.log_format)
-    plugins = Plugins()
+    plugins = Plugins(plugins_dir=plugins_path(settings.plugins_dir))
     plugins.classes_for(settings.connector_names)  # unknown, doubled or misconfigured: stop before anything else
     OutputPlacer(settings, plugins.store_classes()).check()
     reader, error = open_reader(settings.fake_gpus)
