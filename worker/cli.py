@@ -21,6 +21,7 @@ from rich.table import Table
 
 from worker import __version__
 from worker.errors import ConfigError, EmpWorkerError, InvalidJob
+from worker.protocol import printable
 from worker.settings import Settings, load_settings, redact_url
 
 # Plain click help (no rich panels): flags read as flags (`--follow`), not as taking a value.
@@ -184,11 +185,13 @@ def status(
 ) -> None:
     """Queue depth by service, and the live workers with their state."""
     settings = _settings(redis_url=redis_url)
-    depth, workers, stuck, waiting = _run(_status(settings))
+    depth, workers, stuck, waiting, quarantined = _run(_status(settings))
     if as_json or not out.is_terminal:
         out.print_json(json.dumps({"pending": depth, "workers": [w.__dict__ for w in workers],
                                    "unrunnable": [u.__dict__ for u in stuck],
-                                   "waiting": [w.__dict__ for w in waiting]}))
+                                   "waiting": [w.__dict__ for w in waiting],
+                                   "quarantined": [{**q.__dict__, "job_id": printable(q.job_id, 256)}
+                                                   for q in quarantined]}))
         return
     queue = Table(title=f"Pending jobs ({redact_url(settings.redis_url)})")
     queue.add_column("service")
@@ -218,15 +221,28 @@ def status(
         for w in waiting:
             next_up.add_row(w.job_id, w.service, f"{w.waited_s:.0f}s", w.reason)
         out.print(next_up)
+    _print_quarantined(quarantined)
 
 
-async def _status(settings: Settings) -> tuple[dict[str, int], list[Any], list[Any], list[Any]]:
+def _print_quarantined(quarantined: list[Any]) -> None:
+    if not quarantined:
+        return
+    parked = Table(title="[red]Quarantined: ids no worker could read or fail (emp:quarantine)[/red]")
+    for column in ("job", "since", "where", "why"):
+        parked.add_column(column)
+    for q in quarantined:
+        parked.add_row(escape(printable(q.job_id, 80)), q.at, q.where, escape(q.reason))
+    out.print(parked)
+
+
+async def _status(settings: Settings) -> tuple[dict[str, int], list[Any], list[Any], list[Any], list[Any]]:
     from worker.client import Client
     from worker.waiting import waiting_jobs
 
     async with Client.from_settings(settings) as client:
         return (await client.queue_depth(), await client.workers(), await client.unrunnable(),
-                await waiting_jobs(client, settings.retry_exclusion_s, settings.model_affinity_s))
+                await waiting_jobs(client, settings.retry_exclusion_s, settings.model_affinity_s),
+                await client.quarantined())
 
 
 @app.command()

@@ -8,7 +8,10 @@ worker goes on claiming, and a good job beside the bad one completes.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
+import sys
 import uuid
 from collections.abc import AsyncIterator, Mapping
 
@@ -307,3 +310,20 @@ async def test_an_unreadable_job_submitted_message_never_kills_the_listener(
         job_id = await client.submit("simulation", {"duration_s": 0, "steps": 1})
         await wait_status(raw, keys, job_id, "completed", within_s=5)
     assert_alive(worker)
+
+
+async def test_status_shows_the_quarantine(raw: aioredis.Redis, keys: Keys, redis_url: str,
+                                           start_worker: WorkerFactory) -> None:
+    bad = "bad\x01id"
+    await put_job(raw, keys, good_fields(bad), job_id=bad)
+    await start_worker()
+    await wait_until(lambda: raw.hexists(keys.quarantine, bad), within_s=15)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "worker", "status", "--json",
+        env={**os.environ, "EMP_REDIS_URL": redis_url, "EMP_KEY_PREFIX": keys.prefix},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, err.decode()
+    (parked,) = json.loads(out)["quarantined"]
+    assert parked["job_id"] == "'bad\\x01id'" and "control or non-ASCII" in parked["reason"]
+    assert parked["where"] in ("index", "claim") and parked["at"]
