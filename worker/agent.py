@@ -31,7 +31,7 @@ import socket
 import time
 from collections import deque
 from collections.abc import Callable, Coroutine, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -47,11 +47,15 @@ from worker.execution import STOP_WAIT_S, Executor, RunningJob, stop_all
 from worker.guard import PluggedConnector
 from worker.hardware import Gpu
 from worker.keys import Keys
+from worker.logs import bind
 from worker.outputs import OutputPlacer
 from worker.protocol import is_text, printable, utc_iso
 from worker.queue import Claimed, Deferred, Queue, QueueConfig
 from worker.retry import Backoff, wait_for_event
 from worker.settings import Settings
+
+if TYPE_CHECKING:
+    from worker.metrics import Metrics
 
 log = logging.getLogger("emp.worker")
 
@@ -112,6 +116,7 @@ class Worker:
         gpu: Gpu | None = None,
         gpu_probe: Callable[[], Gpu] | None = None,
         host: Mapping[str, Any] | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.settings = settings
         self.redis = client
@@ -126,6 +131,7 @@ class Worker:
         self.outputs = OutputPlacer(settings, plugins.store_classes() if plugins else builtin_stores.by_name())
         self.executor = Executor(settings, self.queue, worker_id, self._sync_loaded, self.outputs)
         self.gpu_probe = gpu_probe
+        self.metrics = metrics  # None: EMP_METRICS_PORT unset
         self.state = WorkerState.STARTING
         self.running: dict[str, RunningJob] = {}
         self.stopping = asyncio.Event()
@@ -157,6 +163,16 @@ class Worker:
     @property
     def gpu_problem(self) -> str:
         return self.ads.gpu_problem
+
+    @property
+    def beat_age_s(self) -> float:
+        """Seconds since the last heartbeat that got through."""
+        return time.monotonic() - self._last_beat
+
+    @property
+    def beat_ttl_s(self) -> int:
+        """How long the heartbeat key (this slot's liveness in Redis) outlives a beat."""
+        return max(int(self.settings.heartbeat_interval_s * 3), int(self.settings.lease_s) + 1)
 
     def capabilities(self) -> dict[str, Any]:
         """What the claim script matches against now (see worker/advertise.py)."""
@@ -193,6 +209,7 @@ class Worker:
 
     async def run(self) -> None:
         """Run until request_stop(); then drain, deregister and return."""
+        bind(worker_id=self.worker_id)  # every log line of this slot's tasks names it
         await self._wait_for_id()  # before any engine starts: a duplicate starts nothing
         await asyncio.gather(*(engine.start() for engine in self.engines))  # a failure: DOWN, retried
         await self._beat_until_registered()
@@ -312,7 +329,7 @@ class Worker:
 
     async def _beat(self) -> None:
         """One heartbeat script: the worker record, lease renewal, promotion, reaping."""
-        ttl = max(int(self.settings.heartbeat_interval_s * 3), int(self.settings.lease_s) + 1)
+        ttl = self.beat_ttl_s
         status = self.state.value if self.state is not WorkerState.STARTING else "idle"
         held = {job_id: job.attempt for job_id, job in self.running.items()}
         try:
@@ -332,12 +349,16 @@ class Worker:
         except Exception:
             self._beat_failed = True
             raise
+        if self._beat_failed and self.metrics is not None:
+            self.metrics.reconnected("commands")
         self._last_beat, self._beat_failed = time.monotonic(), False
         if beat.reaped:
             log.warning("reaper: %d job(s) with an expired lease put back or failed", beat.reaped)
         for job_id in beat.lost:
             if job_id in self.running:
                 log.warning("job %s is no longer held by %s; stopping it", job_id, self.worker_id)
+                if self.metrics is not None:
+                    self.metrics.lease_lost()
                 self.running[job_id].stop(StopReason.LEASE_LOST)
         if beat.models_missing:
             self._models_dirty = True  # the next refresh writes them again
@@ -437,6 +458,8 @@ class Worker:
                 await pubsub.subscribe(*channels)
                 if backoff.failures:
                     log.info("reconnected to Redis pub/sub")
+                    if self.metrics is not None:
+                        self.metrics.reconnected("pubsub")
                 backoff.reset()
                 self.wake.set()  # anything published while we were away is found by a claim
                 while True:
@@ -514,7 +537,10 @@ class Worker:
             return
         hint = self.hints.popleft() if self.hints else ""
         try:
+            began = time.perf_counter()
             claimed = await self.queue.claim_or_defer(self.worker_id, self.capabilities(), hint)
+            if self.metrics is not None:
+                self.metrics.claim_took(time.perf_counter() - began)
             backoff.reset()
         except RedisUnavailable as exc:
             delay = backoff.next_delay()
@@ -530,6 +556,8 @@ class Worker:
 
     def _start(self, claimed: Claimed) -> None:
         self.claims += 1
+        if self.metrics is not None:
+            self.metrics.claimed(claimed.fields)
         running = RunningJob(claimed.job_id, claimed.attempt)
         running.engine = self.by_service.get(claimed.fields.get("service_required", ""))
         if running.engine is not None:
@@ -547,6 +575,7 @@ class Worker:
 
     async def _execute(self, claimed: Claimed, running: RunningJob) -> None:
         outcome = Outcome.FAILED
+        bind(job_id=claimed.job_id, attempt=claimed.attempt)  # this task's log lines (and its children's)
         try:
             outcome = await self.executor.run(claimed, running)
         except Exception as exc:
@@ -558,9 +587,11 @@ class Worker:
                 del self.running[claimed.job_id]
             if running.engine is not None:
                 running.engine.running -= 1
+            took = time.monotonic() - running.started
+            if self.metrics is not None:
+                self.metrics.finished(running.service, outcome, took)
             if self.plugins is not None:
-                self.plugins.job_finished(claimed.job_id, running.service, outcome,
-                                          time.monotonic() - running.started)
+                self.plugins.job_finished(claimed.job_id, running.service, outcome, took)
             if not self.running and self.state is WorkerState.BUSY:
                 await self._set_state(WorkerState.IDLE)
             self.wake.set()

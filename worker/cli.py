@@ -48,18 +48,29 @@ def root(
     """emp-worker: claims jobs from Redis and runs them through connector plugins."""
 
 
+def _fail_line(kind: str, message: str) -> None:
+    """An expected error as one line: a JSON log line under EMP_LOG_FORMAT=json (or auto, off a
+    terminal), else text; passwords in URLs masked either way."""
+    from worker.logs import error_line, format_before_settings, redact, use_json
+
+    if use_json(format_before_settings()):
+        print(error_line("emp.cli", f"{kind}: {message}", error=kind.replace(" ", "_")), file=sys.stderr, flush=True)
+    else:
+        err.print(f"[red]{kind}:[/red] {escape(redact(message))}", highlight=False)
+
+
 @contextlib.contextmanager
 def _clean_errors() -> Iterator[None]:
     try:
         yield
     except ConfigError as exc:
-        err.print(f"[red]configuration error:[/red] {escape(str(exc))}", highlight=False)
+        _fail_line("configuration error", str(exc))
         raise typer.Exit(2) from None
     except EmpWorkerError as exc:
-        err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
+        _fail_line("error", str(exc))
         raise typer.Exit(1) from None
     except (OSError, ConnectionError) as exc:
-        err.print(f"[red]error:[/red] cannot reach Redis: {type(exc).__name__}: {escape(str(exc))}", highlight=False)
+        _fail_line("error", f"cannot reach Redis: {type(exc).__name__}: {exc}")
         raise typer.Exit(1) from None
 
 
@@ -90,12 +101,15 @@ def run(
     machine_id: str = typer.Option(None, "--machine-id", help="[env: EMP_MACHINE_ID, MACHINE_ID]"),
     embedded: bool = typer.Option(False, "--embedded", help="Start a private Redis for a local trial."),
     gpu: int = typer.Option(None, "--gpu", min=0, help="Pin this worker to GPU I (one process per GPU)."),
+    metrics_port: int = typer.Option(None, "--metrics-port", min=0, max=65535,
+                                     help="Serve /metrics and /healthz on this port (with --gpu I: port + I); "
+                                          "0: off [env: EMP_METRICS_PORT]"),
 ) -> None:
     """Start the worker daemon (until SIGTERM/SIGINT: then it drains and exits 0)."""
     from worker.daemon import run_daemon
 
     settings = _settings(connectors=connectors, redis_url=redis_url, worker_id=worker_id,
-                         machine_id=machine_id)
+                         machine_id=machine_id, metrics_port=metrics_port)
     _run(run_daemon(settings, embedded=embedded, gpu_index=gpu))
 
 
@@ -319,6 +333,49 @@ def plugins(
     for i in found:
         table.add_row(i.name, ",".join(i.services), i.plugin, i.package, i.version)
     out.print(table)
+
+
+@app.command()
+def check(
+    redis_url: str = typer.Option(None, "--redis-url", help=REDIS_URL_HELP),
+    machine_id: str = typer.Option(None, "--machine-id", help="[env: EMP_MACHINE_ID, MACHINE_ID]"),
+    timeout: float = typer.Option(5.0, "--timeout", min=0.1, max=60, help="Seconds for the whole check"),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output"),
+) -> None:
+    """Exit 0 when this machine's workers are live and healthy, else 1 saying why (a probe)."""
+    from worker.health import check_machine
+
+    settings = _settings(redis_url=redis_url, machine_id=machine_id)
+    reports, reasons = _run(check_machine(settings, timeout))
+    if as_json:
+        out.print_json(json.dumps({"healthy": not reasons, "machine_id": settings.machine_id,
+                                   "workers": [r.to_dict() for r in reports], "problems": reasons}))
+    elif not reasons:
+        out.print(f"healthy: {', '.join(r.worker_id for r in reports)}", highlight=False)
+    for reason in reasons if not as_json else []:
+        print(f"unhealthy: {reason}", file=sys.stderr)
+    raise typer.Exit(0 if not reasons else 1)
+
+
+@app.command()
+def doctor(
+    redis_url: str = typer.Option(None, "--redis-url", help=REDIS_URL_HELP),
+    connectors: str = typer.Option(None, "--connectors", "-c",
+                                   help="Comma list of connectors [env: EMP_CONNECTORS, CONNECTORS]"),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output"),
+) -> None:
+    """Check configuration, Redis, GPUs, engines, plugins and disk: one line each, with a fix hint."""
+    from worker.doctor import run_doctor
+
+    def show(found: Any) -> None:
+        if not as_json:
+            print(found.line(), flush=True)
+
+    checks = asyncio.run(run_doctor({"redis_url": redis_url, "connectors": connectors}, show))
+    failed = [c for c in checks if c.status == "fail"]
+    if as_json:
+        out.print_json(json.dumps({"ok": not failed, "checks": [c.to_dict() for c in checks]}))
+    raise typer.Exit(1 if failed else 0)
 
 
 @app.command()

@@ -164,6 +164,11 @@ async def _run(settings: Settings, embedded: bool, hardware: Hardware, slots: li
         try:
             await check_credentials(client)
             workers = [slot_worker(settings, client, plugins, hardware, reader, slot) for slot in slots]
+            served = None
+            if settings.metrics_port:  # prometheus-client is imported only then
+                from worker.metrics import serve_metrics
+
+                served = await serve_metrics(settings, workers, port_offset=slots[0].index)
             machine = MachineStatus(client, Keys(settings.key_prefix), settings.machine_id, workers)
             stopped = asyncio.Event()
             publisher = asyncio.create_task(machine.run(stopped))
@@ -172,5 +177,7 @@ async def _run(settings: Settings, embedded: bool, hardware: Hardware, slots: li
             finally:
                 stopped.set()
                 await asyncio.wait({publisher}, timeout=5.0)
+                if served is not None:
+                    await served.close()
         finally:
             await client.aclose()

@@ -105,6 +105,9 @@ class Settings(BaseSettings):
     output_store: str = _env("output_store", "local", pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = _env("log_level", "INFO")
     log_format: Literal["auto", "text", "json"] = _env("log_format", "auto")
+    # Prometheus /metrics and /healthz (worker/metrics.py); 0: off. With --gpu I the port is this + I.
+    metrics_port: int = _env("metrics_port", 0, ge=0, le=65535)
+    metrics_host: str = _env("metrics_host", "0.0.0.0", min_length=1, max_length=255)
     # plugins/ beside a frozen binary when unset; "off": none (connectors/manager.py plugins_path)
     plugins_dir: str = _env("plugins_dir", "")
 
