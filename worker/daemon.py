@@ -31,6 +31,7 @@ from worker.hardware import Gpu, GpuReader, Hardware, discover_with, hardware_ca
 from worker.keys import Keys
 from worker.logs import setup_logging
 from worker.machine import MachineStatus
+from worker.notify import Notifier
 from worker.outputs import OutputPlacer
 from worker.redis_conn import RedisOptions, describe, refused
 from worker.settings import Settings
@@ -172,11 +173,13 @@ async def _run(settings: Settings, embedded: bool, hardware: Hardware, slots: li
             machine = MachineStatus(client, Keys(settings.key_prefix), settings.machine_id, workers)
             stopped = asyncio.Event()
             publisher = asyncio.create_task(machine.run(stopped))
+            notifier = Notifier.from_environ()  # systemd Type=notify: READY, STATUS, WATCHDOG, STOPPING
+            tasks = {publisher} | ({asyncio.create_task(notifier.supervise(workers, stopped))} if notifier else set())
             try:
                 await run_slots(workers)
             finally:
                 stopped.set()
-                await asyncio.wait({publisher}, timeout=5.0)
+                await asyncio.wait(tasks, timeout=5.0)
                 if served is not None:
                     await served.close()
         finally:
