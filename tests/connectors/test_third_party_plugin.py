@@ -44,7 +44,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 
 def _env(site: Path, **extra: str) -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(site), **extra}
+    return {**os.environ, "PYTHONPATH": str(site), "EMP_LOG_FORMAT": "text", **extra}
 
 
 def _cli(site: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
