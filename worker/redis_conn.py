@@ -22,7 +22,9 @@ Redis's own errors reach the worker through worker/queue.py, which translates th
 
 from __future__ import annotations
 
+import contextlib
 import ssl
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
@@ -32,7 +34,11 @@ import redis.asyncio as aioredis
 from redis.asyncio.client import PubSub
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.connection import parse_url
-from redis.asyncio.sentinel import Sentinel
+from redis.asyncio.sentinel import MasterNotFoundError, Sentinel, SentinelConnectionPool
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.retry import Retry
 
 from worker.errors import ConfigError, refused_credentials
 from worker.settings import parse_sentinels, redact_url
@@ -109,11 +115,59 @@ class SentinelRedis(aioredis.Redis):
 
     sentinels: Sentinel | None = None
 
+    def pubsub(self, **kwargs: Any) -> PubSub:
+        return FollowingPubSub(self.connection_pool, **kwargs)
+
     async def aclose(self, close_connection_pool: bool | None = None) -> None:
         await super().aclose(close_connection_pool)
         if self.sentinels is not None:
             for client in self.sentinels.sentinels:
                 await client.aclose()
+
+
+class FollowingPool(SentinelConnectionPool):
+    """redis-py's sentinel pool asks the sentinels only when it opens a connection, so a pooled
+    connection to a demoted master keeps serving (stale reads; writes until that node is
+    reconfigured, which sentinels do in their own time). This one asks again at most every
+    RECHECK_S when a command takes a connection; a new answer closes the idle connections, which
+    reopen to the new master. A sentinel that does not answer leaves the current master in use."""
+
+    RECHECK_S = 1.0  # at most one sentinel query a second per pool
+
+    def __init__(self, service_name: str, sentinel_manager: Sentinel, **kwargs: Any) -> None:
+        super().__init__(service_name, sentinel_manager, **kwargs)  # type: ignore[no-untyped-call]
+        self._checked = 0.0
+
+    async def recheck(self) -> None:
+        """Ask the sentinels where the master is, at most once per RECHECK_S."""
+        now = time.monotonic()
+        if self.is_master and now - self._checked >= self.RECHECK_S:
+            self._checked = now
+            with contextlib.suppress(MasterNotFoundError, RedisConnectionError, RedisTimeoutError, OSError):
+                await self.get_master_address()  # type: ignore[no-untyped-call]
+
+    async def get_connection(self, command_name: Any = None, *keys: Any, **options: Any) -> Any:
+        await self.recheck()
+        return await super().get_connection()  # type: ignore[no-untyped-call]  # (its arguments are deprecated)
+
+
+class FollowingPubSub(PubSub):
+    """A subscription that leaves a master the sentinels no longer name: it waits at most
+    RECHECK_S at a time and then raises ConnectionError, so the listener (worker/agent.py
+    ``_listen``) resubscribes on the new master instead of hearing nothing until the old one is
+    reconfigured. Waiting less than asked is allowed: get_message returns None then."""
+
+    async def get_message(
+        self, ignore_subscribe_messages: bool = False, timeout: float | None = 0.0  # noqa: ASYNC109 -- redis-py's
+    ) -> Any:
+        pool = self.connection_pool
+        if isinstance(pool, FollowingPool) and self.connection is not None:
+            await pool.recheck()
+            where = (self.connection.host, self.connection.port)
+            if pool.master_address is not None and where != tuple(pool.master_address):
+                raise RedisConnectionError("the sentinels name another master now")
+            timeout = pool.RECHECK_S if timeout is None else min(timeout, pool.RECHECK_S)
+        return await super().get_message(ignore_subscribe_messages, timeout)
 
 
 def _url_auth(url: str) -> dict[str, Any]:
@@ -126,11 +180,14 @@ def _url_auth(url: str) -> dict[str, Any]:
 
 def _sentinel_master(url: str, options: RedisOptions, tls: bool) -> aioredis.Redis:
     tls_kwargs = {"ssl": True, **_tls_kwargs(options)} if tls else {}
-    sentinel_kwargs = {"socket_timeout": SENTINEL_TIMEOUT_S, "socket_connect_timeout": SENTINEL_TIMEOUT_S,
+    # no retries: a sentinel that does not answer is left for the next one at once
+    sentinel_kwargs = {"retry": Retry(NoBackoff(), 0),
+                       "socket_timeout": SENTINEL_TIMEOUT_S, "socket_connect_timeout": SENTINEL_TIMEOUT_S,
                        "username": options.sentinel_username or None,
                        "password": options.sentinel_password or None, **tls_kwargs}
     sentinels = Sentinel(list(options.sentinels), sentinel_kwargs=sentinel_kwargs)  # type: ignore[no-untyped-call]
     client: SentinelRedis = sentinels.master_for(options.master_name, redis_class=SentinelRedis,
+                                                 connection_pool_class=FollowingPool,
                                                  **_common_kwargs(), **_url_auth(url), **tls_kwargs)
     client.sentinels = sentinels
     return client

@@ -1,0 +1,110 @@
+"""Sentinel: a master, a replica and a sentinel started here (skipped, saying why, where they cannot
+start). A job runs through the sentinel-resolved master; a failover while jobs run loses none and
+runs none twice, and the worker carries on: its leases, scripts and subscriptions come back."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from tests.conftest import wait_until
+from tests.redis_servers import (
+    SentinelSet,
+    Unavailable,
+    client_for,
+    failover,
+    running_worker,
+    start_sentinel_set,
+    stop_all,
+    wait_final,
+    workdir,
+)
+from worker.embedded import free_port
+from worker.settings import Settings, load_settings
+
+PREFIX = "sentinel-test:"
+
+
+@pytest.fixture
+def sentinels() -> Iterator[SentinelSet]:
+    with workdir() as where:
+        try:
+            found = start_sentinel_set(where)
+        except Unavailable as exc:
+            pytest.skip(f"cannot start a master, a replica and a sentinel here: {exc}")
+        try:
+            yield found
+        finally:
+            stop_all(found.servers())
+
+
+def _settings(found: SentinelSet, **overrides: Any) -> Settings:
+    dead = free_port()  # a sentinel that is down: the next one in the list answers
+    values: dict[str, Any] = {
+        # the URL's host is not used in Sentinel mode; its password is the data nodes'
+        "redis_url": f"redis://:{found.password}@unused-host:6379/0",
+        "redis_sentinels": f"127.0.0.1:{dead},127.0.0.1:{found.sentinel.port}",
+        "redis_master_name": found.master_name, "redis_sentinel_password": found.sentinel_password,
+        "key_prefix": PREFIX, "heartbeat_interval_s": 0.5, "lease_s": 3.0, "poll_interval_s": 2.0,
+        "grace_period_s": 5.0, "retry_backoff_s": 0.0, "machine_id": "sentinel-machine",
+    }
+    values.update(overrides)
+    return load_settings(**values)
+
+
+async def test_a_job_runs_through_the_master_the_sentinels_name(
+        sentinels: SentinelSet, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    settings = _settings(sentinels)
+    async with running_worker(settings, "sentinel-w1"), client_for(settings) as client:
+        job_id = await client.submit("simulation", {"steps": 2, "duration_s": 0.1})
+        jobs = await wait_final(client, [job_id], within_s=30)
+        assert jobs[job_id]["status"] == "completed"
+        info = await client.redis.info("server")
+        assert int(info["tcp_port"]) == sentinels.master.port
+    assert sentinels.password not in caplog.text and sentinels.sentinel_password not in caplog.text
+    assert sentinels.sentinel_password not in repr(settings)
+
+
+async def _completions(client: Any, job_ids: list[str]) -> dict[str, int]:
+    counts = {}
+    for job_id in job_ids:
+        counts[job_id] = sum(1 for e in await client.events(job_id) if e.kind == "completed")
+    return counts
+
+
+async def test_a_failover_mid_run_loses_nothing_doubles_nothing_and_the_worker_carries_on(
+        sentinels: SentinelSet) -> None:
+    # a slow poll: after the failover only the job_submitted subscription wakes the worker at once
+    settings = _settings(sentinels, poll_interval_s=60.0, max_concurrent_jobs=2)
+    async with running_worker(settings, "sentinel-w2") as worker, client_for(settings) as client:
+        before = [await client.submit("simulation", {"steps": 10, "duration_s": 1.5}) for _ in range(4)]
+
+        async def running() -> bool:
+            statuses = [(await client.get(j)).get("status") for j in before]
+            return statuses.count("in_progress") == 2
+
+        await wait_until(running, within_s=20)
+        await client.redis.wait(1, 2000)  # the replica has every write so far
+        new_master = failover(sentinels)
+        assert new_master == sentinels.replica.port
+
+        jobs = await wait_final(client, before, within_s=60)
+        assert {j: jobs[j]["status"] for j in before} == dict.fromkeys(before, "completed")
+
+        claims = worker.claims
+        after = await client.submit("simulation", {"steps": 2, "duration_s": 0.1})
+        info = await client.redis.info("server")
+        assert int(info["tcp_port"]) == new_master  # a write moved the client to the new master
+        jobs = await wait_final(client, [after], within_s=10)  # well inside the 60 s poll: pub/sub is back
+        assert jobs[after]["status"] == "completed" and worker.claims == claims + 1
+        assert await _completions(client, [*before, after]) == dict.fromkeys([*before, after], 1)
+        assert await client.redis.hlen(f"{PREFIX}jobs:completed") == len(before) + 1
+        assert not await client.redis.hlen(f"{PREFIX}jobs:failed")
+        # the scripts came back on the new master (it never had them: NOSCRIPT, then loaded)
+        used = ("claim", "start", "progress", "complete", "heartbeat")
+        assert all(await client.redis.script_exists(*(worker.queue._scripts[name].sha for name in used)))
+        assert worker.claims == len(before) + 1  # no job was claimed a second time
