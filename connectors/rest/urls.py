@@ -11,6 +11,10 @@ scheme, or a path outside the base::
 - the endpoint is printable ASCII (anything else must be percent-encoded);
 - its path is segments of RFC 3986 path characters, ``@`` excepted; no empty segment (``//``), no
   ``.`` or ``..`` segment, raw or percent-encoded, and no percent-encoded ``/``, ``\\`` or ``%``;
+- ``;`` path parameters (``/cars;v=2``) are allowed, but no ``;``-separated piece of a segment may be
+  ``.`` or ``..`` and the piece before the first ``;`` may not be empty: Tomcat, Jetty and Spring drop
+  ``;params`` before they normalise the path, so ``/api/..;/admin`` is ``/admin`` to them, and other
+  servers read the pieces in other orders (``/api/;../admin``); ``%3B`` counts as ``;``;
 - the first segment has no ``:`` (it would read as a scheme: ``file:``, ``http:``, ``localhost:80``);
 - an optional ``?query`` of URL query characters; no ``#fragment``;
 - it is appended to the base path (a leading ``/`` stays under it), and the joined URL is parsed
@@ -82,9 +86,22 @@ def _segments(path: str) -> list[str]:
         decoded = unquote(segment)
         if decoded in (".", ".."):
             raise ForbiddenTarget("'.' and '..' segments are not allowed (encoded or not)")
+        _check_parameters(decoded)
         if any(c in decoded for c in "/\\%") or any(ord(c) < 0x20 or ord(c) == 0x7F for c in decoded):
             raise ForbiddenTarget("a percent-encoded '/', '\\', '%' or control character is not allowed")
     return segments
+
+
+def _check_parameters(decoded: str) -> None:
+    """A segment with ``;`` path parameters: none of its pieces may act as a dot segment or an empty one
+    for a server that strips the parameters before normalising (``..;x``) or after (``x;..``)."""
+    if ";" not in decoded:
+        return
+    pieces = decoded.split(";")
+    if any(piece in (".", "..") for piece in pieces):
+        raise ForbiddenTarget("'.' and '..' segments are not allowed, with ';' parameters either ('..;x', ';..')")
+    if not pieces[0]:
+        raise ForbiddenTarget("a segment that is only ';' parameters reads as an empty segment: not allowed")
 
 
 def _first_bad(text: str, allowed: re.Pattern[str]) -> str:

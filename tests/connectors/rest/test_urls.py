@@ -23,6 +23,9 @@ BASE = "http://127.0.0.1:8000/api/"
     ("/127.0.0.1/x", "http://127.0.0.1:8000/api/127.0.0.1/x"),  # an IP in a path segment is just a name
     ("/q?next=http://x/y", "http://127.0.0.1:8000/api/q?next=http://x/y"),  # a query cannot move the host
     ("/~user/x_y-z.json", "http://127.0.0.1:8000/api/~user/x_y-z.json"),
+    ("/cars;color=red/x", "http://127.0.0.1:8000/api/cars;color=red/x"),  # a matrix parameter is a name
+    ("/a;v=1;w=2", "http://127.0.0.1:8000/api/a;v=1;w=2"),
+    ("/a;...", "http://127.0.0.1:8000/api/a;..."),
 ])
 def test_endpoints_under_the_base_are_joined(endpoint: str, expected: str) -> None:
     assert join_url(BASE, endpoint) == expected
@@ -73,6 +76,21 @@ def test_endpoints_under_the_base_are_joined(endpoint: str, expected: str) -> No
     "/%252e%252e/secret",  # double encoding
     "/v1/%00/x",
     "/a//b",
+    # ';' path parameters, which Tomcat, Jetty and Spring strip before normalising the path
+    "..;/secret",
+    "/..;/secret",
+    "/a/..;/..;/secret",
+    "a/..;/x",
+    "/..;jsessionid=1/secret",
+    "/.;/x",
+    "/a/;..",
+    "a/;../x",
+    "/;x/secret",
+    "/a/x;../..;",
+    "/%2e%2e;/secret",
+    "/..%3b/secret",
+    "/..%3B/secret",
+    "/a/%3b../x",
     # odd characters, encodings and fragments
     "/x y",
     "/x\ty",
@@ -136,6 +154,7 @@ def test_base_urls_are_normalized(base: str, expected: str) -> None:
     ("http://api.example/#x", "fragment"),
     ("http://api.example:99999/", "port"),
     ("http://api.example/a/../b", "'..'"),
+    ("http://api.example/a/..;/b", "'..'"),
 ])
 def test_bad_base_urls_are_refused(base: str, match: str) -> None:
     with pytest.raises(ValueError, match=match):
