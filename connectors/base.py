@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from connectors.settings import ConnectorSettings
-from worker.errors import EmpWorkerError
+from worker.errors import EmpWorkerError, PermanentJobError
 from worker.protocol import Job
 from worker.queue import ProgressUpdate
 
@@ -222,8 +222,8 @@ class JobContext:
             raise ValueError(f"output name {name!r}: use 1-200 letters, digits, '.', '_' or '-'")
         if (data is None) == (path is None):
             raise ValueError("give an output either as data or as a path")
-        if len(self.outputs) >= MAX_OUTPUTS:
-            raise ValueError(f"a job may hand over at most {MAX_OUTPUTS} outputs")
+        if len(self.outputs) >= MAX_OUTPUTS:  # the job asked for too much: not worth retrying
+            raise PermanentJobError(f"a job may hand over at most {MAX_OUTPUTS} outputs")
         file = Path(path) if path is not None else None
         if file is not None and not file.is_file():
             raise ValueError(f"output {name!r}: {file} is not a file")

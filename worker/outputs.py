@@ -41,10 +41,11 @@ log = logging.getLogger("emp.outputs")
 PUT_TRIES = 3
 EMBEDDED_MIN_CHARS = 1024  # a base64 string at least this long in a result becomes an output
 MAX_EMBEDDED = 32
+MAX_DEPTH = 64  # a result nested deeper is refused (and never walked to a RecursionError)
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _TEXT_TYPES = ("text/", "application/json")
 _MEDIA_TYPES = ("image/", "video/", "audio/")
-_BASE64 = re.compile(r"^[A-Za-z0-9+/\r\n]+={0,2}\s*$")
+_BASE64 = re.compile(r"^[A-Za-z0-9+/\r\n]+={0,2}\s*$|^[A-Za-z0-9_\-\r\n]+={0,2}\s*$")
 _DATA_URI = re.compile(r"^data:([\w.+-]+/[\w.+-]+)?(?:;[\w=.+-]+)*;base64,", re.IGNORECASE)
 # first bytes -> content type: what a connector hands over as application/octet-stream is still media
 _MAGIC: tuple[tuple[bytes, int, str], ...] = (
@@ -89,42 +90,64 @@ def _inline(output: Output) -> dict[str, Any]:
     return entry
 
 
-def _decoded(text: str) -> tuple[bytes, str | None] | None:
-    """The bytes a base64 string or data: URI holds, and its declared type; None if it is not one."""
-    declared = None
+def _decoded(text: str) -> tuple[bytes, str | None, bool] | None:
+    """The bytes a base64 string or data: URI holds, its declared type, and whether it was a data:
+    URI; None when it is neither (standard or URL-safe alphabet)."""
+    declared, is_uri = None, False
     match = _DATA_URI.match(text)
     if match:
-        declared, text = match.group(1), text[match.end():]
+        declared, text, is_uri = match.group(1), text[match.end():], True
     elif len(text) < EMBEDDED_MIN_CHARS or not _BASE64.match(text):
         return None
+    compact = "".join(text.split())
     try:
-        return base64.b64decode("".join(text.split()), validate=True), declared
+        if "-" in compact or "_" in compact:
+            return base64.urlsafe_b64decode(compact + "=" * (-len(compact) % 4)), declared, is_uri
+        return base64.b64decode(compact, validate=True), declared, is_uri
     except (binascii.Error, ValueError):
         return None
 
 
-def extract_embedded(value: Any, found: list[Output], where: str = "result") -> Any:
-    """`value` with each ``data:`` URI, and each long base64 string of an image, video or audio
-    file, replaced by a placeholder ``{"$output": index}``, its bytes appended to `found`."""
+class _Slot:
+    """Where an extracted file's URL goes back into the result (no JSON value can look like one)."""
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+
+
+def extract_embedded(value: Any, found: list[Output], where: str = "result", *, large_bytes: int = 64 * 1024,
+                     depth: int = 0) -> Any:
+    """`value` with each file embedded as base64 replaced by a placeholder, its bytes appended to
+    `found`: every ``data:`` URI, and each long base64 string that holds an image, video or audio
+    file or is over `large_bytes`. PermanentJobError for a result nested too deep, or holding more
+    files than MAX_EMBEDDED (they would otherwise stay in Redis as base64)."""
+    if depth > MAX_DEPTH:
+        raise PermanentJobError(f"the connector's result nests deeper than {MAX_DEPTH} levels")
     if isinstance(value, Mapping):
-        return {k: extract_embedded(v, found, f"{where}.{k}") for k, v in value.items()}
+        return {k: extract_embedded(v, found, f"{where}.{k}", large_bytes=large_bytes, depth=depth + 1)
+                for k, v in value.items()}
     if isinstance(value, list):
-        return [extract_embedded(v, found, f"{where}.{i}") for i, v in enumerate(value)]
-    if isinstance(value, str) and len(found) < MAX_EMBEDDED and (decoded := _decoded(value)) is not None:
-        data, declared = decoded
-        content_type = sniff(data[:16]) or declared
-        if content_type is None:  # e.g. a long hex digest: valid base64, but no file
-            return value
-        stem = re.sub(r"[^A-Za-z0-9._-]", "_", where)[-120:].strip("._-") or "output"
-        found.append(Output(stem + _EXTENSIONS.get(content_type, ".bin"), content_type, data))
-        return {"$output": len(found) - 1}
-    return value
+        return [extract_embedded(v, found, f"{where}.{i}", large_bytes=large_bytes, depth=depth + 1)
+                for i, v in enumerate(value)]
+    if not isinstance(value, str) or (decoded := _decoded(value)) is None:
+        return value
+    data, declared, is_uri = decoded
+    content_type = sniff(data[:16]) or declared
+    if content_type is None and not is_uri and len(data) <= large_bytes:
+        return value  # e.g. a long hex digest: valid base64, but no file
+    if len(found) >= MAX_EMBEDDED:
+        raise PermanentJobError(f"the connector's result embeds more than {MAX_EMBEDDED} files as base64; "
+                                "hand files to ctx.add_output instead")
+    content_type = content_type or "application/octet-stream"
+    stem = re.sub(r"[^A-Za-z0-9._-]", "_", where)[-120:].strip("._-") or "output"
+    found.append(Output(stem + _EXTENSIONS.get(content_type, ".bin"), content_type, data))
+    return _Slot(len(found) - 1)
 
 
 def _fill(value: Any, urls: Sequence[str]) -> Any:
+    if isinstance(value, _Slot):
+        return urls[value.index]
     if isinstance(value, dict):
-        if set(value) == {"$output"} and isinstance(value["$output"], int):
-            return urls[value["$output"]]
         return {k: _fill(v, urls) for k, v in value.items()}
     if isinstance(value, list):
         return [_fill(v, urls) for v in value]
@@ -139,12 +162,22 @@ class OutputPlacer:
         self.classes = dict(store_classes)  # name and alias -> class
         self._stores: dict[type[OutputStore], OutputStore] = {}
 
+    def allowed(self) -> list[str]:
+        """The stores a job may pick (EMP_OUTPUT_STORES; by default EMP_OUTPUT_STORE and http-put)."""
+        listed = [n.strip() for n in self.settings.output_stores.split(",") if n.strip()]
+        return listed or [self.settings.output_store, "http-put"]
+
     def check(self) -> None:
-        """Start-up check: the default store exists and its settings are valid (ConfigError)."""
+        """Start-up check: the stores exist and their settings are valid (ConfigError)."""
         if self.settings.output_store not in self.classes:
             raise ConfigError(f"EMP_OUTPUT_STORE={self.settings.output_store!r}: unknown output store; "
                               f"available: {', '.join(sorted(self.classes))}")
-        self.classes[self.settings.output_store].load_settings()
+        unknown = [n for n in self.allowed() if n not in self.classes]
+        if unknown:
+            raise ConfigError(f"EMP_OUTPUT_STORES={self.settings.output_stores!r}: unknown output store "
+                              f"{unknown[0]!r}; available: {', '.join(sorted(self.classes))}")
+        for name in {self.settings.output_store, *self.allowed()}:
+            self.classes[name].load_settings()
 
     def _store(self, name: str) -> OutputStore:
         cls = self.classes[name]
@@ -159,6 +192,10 @@ class OutputPlacer:
         if name not in self.classes:
             raise PermanentJobError(f"ctx.storage.provider {str(name)[:60]!r} is not an output store on this worker "
                                     f"(available: {', '.join(sorted(self.classes))})")
+        allowed = {self.classes.get(n) for n in self.allowed()}
+        if name != self.settings.output_store and self.classes[name] not in allowed:
+            raise PermanentJobError(f"ctx.storage.provider {name!r} is not allowed on this worker: it takes "
+                                    f"{', '.join(self.allowed())} (EMP_OUTPUT_STORES)")
         try:
             return self._store(name)
         except ConfigError as exc:
@@ -167,7 +204,7 @@ class OutputPlacer:
     async def place(self, job: Job, outputs: Sequence[Output], result: JobResult) -> JobResult:
         """The result with its outputs listed; a JobError when one cannot be placed."""
         embedded: list[Output] = []
-        result = extract_embedded(result, embedded)
+        result = extract_embedded(result, embedded, large_bytes=self.settings.output_inline_bytes)
         placed: list[dict[str, Any]] = []
         store: OutputStore | None = None
         for index, output in enumerate([*outputs, *embedded]):
@@ -194,7 +231,12 @@ class OutputPlacer:
         backoff = Backoff(base_s=0.5, max_s=5.0)
         for attempt in range(1, PUT_TRIES + 1):
             try:
-                stored = await store.put(upload)
+                try:
+                    async with asyncio.timeout(self.settings.output_upload_timeout_s):
+                        stored = await store.put(upload)
+                except TimeoutError:
+                    raise StoreError(f"the upload took over {self.settings.output_upload_timeout_s:g}s "
+                                     "(EMP_OUTPUT_UPLOAD_TIMEOUT_S)") from None
                 if stored.size_bytes != upload.size_bytes:
                     raise StoreError(f"the store holds {stored.size_bytes} of its {upload.size_bytes} bytes")
                 return stored

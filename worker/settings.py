@@ -103,6 +103,8 @@ class Settings(BaseSettings):
     preview_max_bytes: int = _env("preview_max_bytes", 256 * 1024, ge=1024, le=8 * 1024 * 1024)
     output_inline_bytes: int = _env("output_inline_bytes", 64 * 1024, ge=0, le=1024 * 1024)
     output_store: str = _env("output_store", "local", pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$")
+    output_stores: str = _env("output_stores", "", pattern=r"^[a-z0-9_, -]{0,512}$")
+    output_upload_timeout_s: float = _env("output_upload_timeout_s", 600.0, gt=0, le=24 * 3600)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = _env("log_level", "INFO")
     log_format: Literal["auto", "text", "json"] = _env("log_format", "auto")
     # Prometheus /metrics and /healthz (worker/metrics.py); 0: off. With --gpu I the port is this + I.

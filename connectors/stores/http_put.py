@@ -18,9 +18,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from connectors.settings import ConnectorSettings
 from connectors.stores import OutputStore, Stored, StoreError, Upload
@@ -35,15 +36,30 @@ class HttpPutSettings(ConnectorSettings):
     hosts: str = Field("", max_length=4096)  # the hosts a job may upload to
     timeout_s: float = Field(300.0, gt=0, le=3600)
 
+    @field_validator("hosts")
+    @classmethod
+    def _check_hosts(cls, value: str) -> str:
+        for item in value.split(","):
+            if item.strip():
+                parse_host(item)  # its ValueError says what is wrong
+        return value
+
     def allowed(self) -> set[tuple[str, int]]:
-        found: set[tuple[str, int]] = set()
-        for item in self.hosts.split(","):
-            item = item.strip().lower()
-            if not item:
-                continue
-            host, _, port = item.rpartition(":") if item.count(":") == 1 else (item, "", "")
-            found |= {(host, int(port))} if port else {(host, 443), (host, 80)}
-        return found
+        return {where for item in self.hosts.split(",") if item.strip() for where in parse_host(item)}
+
+
+def parse_host(item: str) -> set[tuple[str, int]]:
+    """``host``, ``host:port``, ``[v6]`` or ``[v6]:port`` as the (host, port) pairs it allows (no
+    port: 443 and 80)."""
+    item = item.strip().lower()
+    try:
+        parts = urlsplit(f"//{item}")
+        host, port = parts.hostname, parts.port
+    except ValueError as exc:
+        raise ValueError(f"{item!r} is not a host or host:port ({exc})") from None
+    if not host or parts.path or parts.query or parts.username is not None or port == 0:
+        raise ValueError(f"{item!r} is not a host or host:port")
+    return {(host, port)} if port else {(host, 443), (host, 80)}
 
 
 def safe_url(url: httpx.URL) -> str:
@@ -100,7 +116,8 @@ def _pick(storage: Mapping[str, Any], listed: str, template: str, upload: Upload
     elif isinstance(urls, Mapping):
         found = urls.get(upload.output.name)
     elif isinstance(storage.get(template), str):
-        fill = {"key": upload.key, "job_id": upload.job.id, "index": str(upload.index), "name": upload.output.name}
+        job_part = upload.key.rsplit("/", 2)[-2]  # the job id as the key holds it: safe in a path
+        fill = {"key": upload.key, "job_id": job_part, "index": str(upload.index), "name": upload.output.name}
         found = storage[template]
         for placeholder, value in fill.items():
             found = found.replace("{" + placeholder + "}", value)

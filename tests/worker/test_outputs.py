@@ -14,14 +14,16 @@ import redis.asyncio as aioredis
 
 from connectors import hookimpl
 from connectors.base import Output
-from connectors.stores import OutputStore, Stored, StoreError, Upload, prefix_of
+from connectors.stores import OutputStore, Stored, StoreError, Upload, builtin, prefix_of
 from connectors.stores.http_put import HttpPutSettings, HttpPutStore
 from connectors.testing import make_job
 from tests.conftest import WorkerFactory, wait_until
 from tests.fakes.presigned import PresignedServer
 from worker.client import Client
+from worker.errors import ConfigError, PermanentJobError
 from worker.keys import Keys
-from worker.outputs import extract_embedded, sniff
+from worker.outputs import OutputPlacer, _fill, extract_embedded, sniff
+from worker.settings import load_settings
 
 MB5 = 5_000_000
 RECORD_LIMIT = 16 * 1024
@@ -48,8 +50,8 @@ def test_large_base64_in_a_result_becomes_an_output() -> None:
     found: list[Output] = []
     result = extract_embedded({"images": [bare], "preview": as_uri, "seed": 1, "note": "short text",
                                "word": "A" * 10}, found)
-    assert result == {"images": [{"$output": 0}], "preview": {"$output": 1}, "seed": 1, "note": "short text",
-                      "word": "A" * 10}
+    assert _fill(result, ["u0", "u1"]) == {"images": ["u0"], "preview": "u1", "seed": 1, "note": "short text",
+                                           "word": "A" * 10}
     assert [(o.name, o.content_type, o.data) for o in found] == [
         ("result.images.0.png", "image/png", PNG), ("result.preview.png", "image/png", PNG)]
 
@@ -60,6 +62,28 @@ def test_text_and_base64_that_is_no_file_stay() -> None:
     digest = "0123456789abcdef" * 256  # valid base64 too, but no media file
     assert extract_embedded({"log": text, "digest": digest}, found) == {"log": text, "digest": digest}
     assert found == []
+
+
+def test_every_embedded_file_leaves_the_result_or_the_job_fails() -> None:
+    zipped = b"PK\x03\x04" + bytes(range(256)) * 400  # 100 KB, no media type, over the inline limit
+    found: list[Output] = []
+    result = extract_embedded({"safe": base64.urlsafe_b64encode(PNG * 3 + b"\xfb\xff").decode(),
+                               "typed": "data:;base64," + base64.b64encode(b"plain bytes").decode(),
+                               "archive": base64.b64encode(zipped).decode()}, found, large_bytes=64 * 1024)
+    assert _fill(result, ["a", "b", "c"]) == {"safe": "a", "typed": "b", "archive": "c"}
+    assert [o.content_type for o in found] == ["image/png", "application/octet-stream", "application/octet-stream"]
+    with pytest.raises(PermanentJobError, match="more than 32 files"):
+        extract_embedded({"images": [base64.b64encode(PNG).decode()] * 33}, [])
+
+
+def test_a_result_that_looks_like_a_placeholder_or_nests_deep_is_handled() -> None:
+    lookalike = {"data": {"$output": 0}, "flag": {"$output": True}}
+    assert _fill(extract_embedded(lookalike, []), []) == lookalike  # a value of the result, kept as it is
+    deep: Any = "leaf"
+    for _ in range(600):
+        deep = [deep]
+    with pytest.raises(PermanentJobError, match="deeper than 64 levels"):
+        extract_embedded({"answer": deep}, [])
 
 
 @pytest.mark.parametrize(("ctx", "expected"), [
@@ -90,10 +114,11 @@ def test_a_jobs_prefix_is_checked(ctx: dict[str, Any], expected: str | None) -> 
     ("https://user:pw@uploads.example/b/k", "user:password@"),
     ("file:///etc/passwd", "http:// or https://"),
     ("http://[::1]:9000/b/k", "not allowed"),
+    ("http://[::1]:9001/b/k", ""),
     ("http://2130706433/b/k", "not allowed"),
 ])
 async def test_http_put_reaches_only_the_hosts_the_operator_lists(url: str, problem: str) -> None:
-    store = HttpPutStore(HttpPutSettings(hosts="uploads.example, 127.0.0.1:9000"))
+    store = HttpPutStore(HttpPutSettings(hosts="uploads.example, 127.0.0.1:9000, [::1]:9001"))
     upload = Upload(make_job("x", ctx={"storage": {"provider": "http-put", "urls": [url]}}), 0,
                     Output("a.png", "image/png", b"x"), "j/000-a.png", 1)
     try:
@@ -238,6 +263,8 @@ class MemoryStore(OutputStore):
     async def put(self, upload: Upload) -> Stored:
         if upload.storage.get("break") == "short":
             return Stored("mem://short", upload.size_bytes - 1)
+        if upload.storage.get("break") == "hang":
+            await asyncio.Event().wait()  # a store that never answers
         if upload.storage.get("break") == "raise":
             raise StoreError("connection to memory://admin:hunter2@store reset")
         data = b"".join([chunk async for chunk in upload.chunks(4096)])
@@ -254,7 +281,7 @@ class StorePlugin:
 async def test_a_plugin_store_is_chosen_by_the_jobs_provider_and_its_failures_are_clear(
     client: Client, start_worker: WorkerFactory,
 ) -> None:
-    await start_worker("plugin-store", connectors="simulation", plugins=[StorePlugin()])
+    await start_worker("plugin-store", connectors="simulation", plugins=[StorePlugin()], output_stores="local,memory")
     outputs = [{"bytes": 200_000, "content_type": "video/mp4", "name": "clip.mp4"}]
     ok = await client.submit("simulation", {"duration_s": 0, "steps": 1, "outputs": outputs}, job_id="mem-ok",
                              ctx={"storage": {"provider": "memory"}})
@@ -271,3 +298,32 @@ async def test_a_plugin_store_is_chosen_by_the_jobs_provider_and_its_failures_ar
     assert short_job["status"] == "failed" and "holds 199999 of its 200000 bytes" in short_job["error"]
     assert broken_job["status"] == "failed" and "memory store failed 3 times" in broken_job["error"]
     assert "hunter2" not in broken_job["error"] and "***" in broken_job["error"]
+
+
+async def test_a_job_may_pick_only_the_stores_the_operator_allows(
+    client: Client, start_worker: WorkerFactory, output_dir: Path,
+) -> None:
+    await start_worker("allow-list", connectors="simulation", plugins=[StorePlugin()])  # default: local, http-put
+    job_id = await client.submit("simulation", {"duration_s": 0, "steps": 1,
+                                                "outputs": [{"bytes": 10, "content_type": "image/png"}]},
+                                 ctx={"storage": {"provider": "memory"}})
+    job = await _final(client, job_id)
+    assert job["status"] == "failed" and job["attempt"] == "1"
+    assert "'memory' is not allowed on this worker: it takes local, http-put (EMP_OUTPUT_STORES)" in job["error"]
+
+
+async def test_an_upload_that_never_ends_is_cut_at_its_deadline(client: Client, start_worker: WorkerFactory) -> None:
+    await start_worker("hang-store", connectors="simulation", plugins=[StorePlugin()], output_stores="memory",
+                       output_upload_timeout_s=0.2)
+    job_id = await client.submit("simulation", {"duration_s": 0, "steps": 1, "outputs": [
+        {"bytes": 10, "content_type": "image/png"}]}, max_retries=1, ctx={"storage": {"provider": "memory",
+                                                                                       "break": "hang"}})
+    job = await _final(client, job_id)
+    assert job["status"] == "failed" and "took over 0.2s (EMP_OUTPUT_UPLOAD_TIMEOUT_S)" in job["error"]
+
+
+def test_a_bad_upload_host_list_stops_start_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EMP_HTTP_PUT_HOSTS", "uploads.example:abc")
+    placer = OutputPlacer(load_settings(), builtin.by_name())
+    with pytest.raises(ConfigError, match=r"EMP_HTTP_PUT_HOSTS='uploads\.example:abc'"):
+        placer.check()
