@@ -55,10 +55,26 @@ METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
 MAX_SERVICES = 64
 MAX_STATIC_HEADERS = 32
 _SERVICE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}")
-_HEADER_NAME = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~\-]{1,100}")
+HEADER_NAME = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~\-]{1,100}")  # an HTTP token
 _RESERVED_HEADERS = frozenset({"host", "authorization", "proxy-authorization", "content-length",
                                "transfer-encoding", "connection", "upgrade", "te", "trailer", "keep-alive"})
-_LIST_FIELDS = frozenset({"allowed_methods", "retryable_status", "success_values", "failure_values"})
+#: headers a job may send to any service: content negotiation, conditional requests, idempotency, tracing
+SAFE_JOB_HEADERS = frozenset({
+    "accept", "accept-language", "content-type", "content-language", "if-match", "if-none-match",
+    "if-modified-since", "if-unmodified-since", "prefer", "idempotency-key", "x-idempotency-key",
+    "x-request-id", "x-correlation-id", "traceparent", "tracestate",
+})
+#: never from a job, even when the operator lists them in job_headers: they carry credentials, frame the
+#: request, or make a proxy or framework re-route it (method override, original URL, forwarded client)
+NEVER_JOB_HEADERS = _RESERVED_HEADERS | frozenset({
+    "cookie", "expect", "proxy-connection", "forwarded", "x-forwarded-for", "x-forwarded-host",
+    "x-forwarded-proto", "x-forwarded-port", "x-forwarded-prefix", "x-forwarded-server", "x-forwarded-path",
+    "x-forwarded-uri", "x-real-ip", "x-client-ip", "x-original-url", "x-rewrite-url", "x-original-uri",
+    "x-http-method-override", "x-http-method", "x-method-override", "x-host", "x-forwarded-scheme",
+})
+_NEVER_JOB_PREFIXES = ("proxy-", "x-forwarded-")
+_LIST_FIELDS = frozenset({"allowed_methods", "retryable_status", "success_values", "failure_values",
+                          "job_headers"})
 _DICT_FIELDS = frozenset({"headers"})
 _CHECK_BASE = "http://check.invalid/"
 Method = Literal["GET", "POST", "PUT", "PATCH", "DELETE"]
@@ -87,6 +103,7 @@ class RestService(BaseModel):
     path: str = Field("", validation_alias=AliasChoices("path", "submit_path"))  # a job that names no endpoint
     allowed_methods: tuple[Method, ...] = ("GET", "POST")  # what a job's "method" may be (besides `method`)
     headers: dict[str, str] = Field(default_factory=dict)  # sent with every request; no secrets here
+    job_headers: tuple[str, ...] = ()  # header names a job may send besides SAFE_JOB_HEADERS
     auth: Auth | None = None
     timeout_s: float = Field(60.0, gt=0, le=3600)  # one request, the answer's whole body included
     connect_timeout_s: float = Field(5.0, gt=0, le=300)
@@ -156,11 +173,23 @@ class RestService(BaseModel):
         if len(value) > MAX_STATIC_HEADERS:
             raise ValueError(f"at most {MAX_STATIC_HEADERS} headers")
         for name, text in value.items():
-            if not _HEADER_NAME.fullmatch(name) or name.lower() in _RESERVED_HEADERS:
+            if not HEADER_NAME.fullmatch(name) or name.lower() in _RESERVED_HEADERS:
                 raise ValueError(f"{name[:100]!r} cannot be configured (credentials go in auth)")
             if any(ord(c) < 0x20 or ord(c) == 0x7F for c in text):
                 raise ValueError(f"the value of {name!r} has a control character")
         return value
+
+    @field_validator("job_headers")
+    @classmethod
+    def _job_headers(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if len(value) > MAX_STATIC_HEADERS:
+            raise ValueError(f"at most {MAX_STATIC_HEADERS} names")
+        for name in value:
+            if not HEADER_NAME.fullmatch(name):
+                raise ValueError(f"{name[:100]!r} is not an HTTP header name")
+            if never_from_job(name):
+                raise ValueError(f"{name!r} can never be set by a job (credentials, framing or re-routing)")
+        return tuple(name.lower() for name in value)
 
     @field_validator("retryable_status")
     @classmethod
@@ -180,7 +209,15 @@ class RestService(BaseModel):
             raise ValueError("status_path: an async service needs one (with {task_id})")
         if set(self.success_values) & set(self.failure_values):
             raise ValueError("success_values and failure_values overlap")
+        if set(self.job_headers) & {name.lower() for name in self.headers}:
+            raise ValueError("job_headers: a header configured in headers cannot also be set by a job")
         return self
+
+
+def never_from_job(name: str) -> bool:
+    """Whether header ``name`` is one no job may send, whatever the configuration."""
+    lowered = name.lower()
+    return lowered in NEVER_JOB_HEADERS or lowered.startswith(_NEVER_JOB_PREFIXES)
 
 
 def _joinable(path: str) -> None:

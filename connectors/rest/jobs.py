@@ -7,32 +7,31 @@ A job's payload follows emp-job-queue's REST connectors::
 
 ``body`` is accepted for ``data``. A GET sends ``data`` (an object of plain values) as the query
 string; other methods send it as the JSON body. ``endpoint`` and ``method`` default to the
-service's ``path`` and ``method``. Job headers are bounded and may not touch the connection,
-host or credentials, nor any header the operator configured.
+service's ``path`` and ``method``.
+
+Job headers are an allow-list: :data:`~connectors.rest.config.SAFE_JOB_HEADERS` (content
+negotiation, conditional requests, idempotency keys, tracing) plus the names the operator lists in
+the service's ``job_headers``. A deny-list cannot keep up with what proxies and frameworks act on
+(``X-HTTP-Method-Override``, ``X-Original-URL``, ``X-Forwarded-*``, vendor headers), and a header the
+worker does not know is one it cannot vouch for. Credentials, framing, forwarding and re-routing
+headers are refused even when listed, and so is any header the operator configured itself.
 """
 
 from __future__ import annotations
 
 import enum
 import json
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from connectors.rest.config import RestService
+from connectors.rest.config import HEADER_NAME, SAFE_JOB_HEADERS, RestService, never_from_job
 from connectors.rest.urls import ForbiddenTarget, join_url
 
 MAX_JOB_HEADERS = 32
 MAX_HEADER_VALUE_CHARS = 4096
 MAX_REQUEST_BYTES = 16 * 1024 * 1024
 MAX_FIELD_DEPTH = 16
-_HEADER_NAME = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~\-]{1,100}")
-_JOB_FORBIDDEN_HEADERS = frozenset({
-    "host", "authorization", "proxy-authorization", "cookie", "content-length", "transfer-encoding",
-    "connection", "upgrade", "te", "trailer", "keep-alive", "expect", "forwarded", "x-forwarded-for",
-    "x-forwarded-host", "x-forwarded-proto", "x-real-ip", "proxy-connection",
-})
 _Scalar = str | int | float | bool | None
 
 
@@ -96,16 +95,20 @@ def job_headers(headers: Any, spec: RestService) -> dict[str, str] | None:
     if not isinstance(headers, dict) or len(headers) > MAX_JOB_HEADERS:
         raise BadRequest(f"headers must be an object of at most {MAX_JOB_HEADERS} string values")
     configured = {name.lower() for name in spec.headers}
+    allowed = SAFE_JOB_HEADERS | set(spec.job_headers)
     checked: dict[str, str] = {}
     for name, value in headers.items():
-        if not isinstance(value, str) or not _HEADER_NAME.fullmatch(name):
+        if not isinstance(value, str) or not isinstance(name, str) or not HEADER_NAME.fullmatch(name):
             raise BadRequest(f"header {str(name)[:100]!r}: names are HTTP tokens and values strings")
         if len(value) > MAX_HEADER_VALUE_CHARS or any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
             raise BadRequest(f"header {name!r}: a value has at most {MAX_HEADER_VALUE_CHARS} characters and "
                              "no control characters")
         lowered = name.lower()
-        if lowered in _JOB_FORBIDDEN_HEADERS or lowered in configured or lowered.startswith("proxy-"):
+        if never_from_job(name) or lowered in configured:
             raise BadRequest(f"header {name!r} cannot be set by a job")
+        if lowered not in allowed:
+            raise BadRequest(f"header {name!r} is not one a job may set for this service (the operator can add "
+                             "it to the service's job_headers)")
         checked[name] = value
     return checked
 

@@ -50,6 +50,7 @@ def test_variable_blocks_configure_the_same_fields() -> None:
         "EMP_REST_VIDEO_HD_RETRYABLE_STATUS": "429, 503",
         "EMP_REST_VIDEO_HD_SUCCESS_VALUES": '["Ready"]',
         "EMP_REST_VIDEO_HD_HEADERS": '{"X-Client": "emp"}',
+        "EMP_REST_VIDEO_HD_JOB_HEADERS": "X-Render-Hint, X-Seed",
         "EMP_REST_VIDEO_HD_PROGRESS_FIELD": "progress.fraction",
         "EMP_REST_VIDEO_HD_PROGRESS_SCALE": "1",
         "EMP_REST_VIDEO_HD_AUTH": "bearer",
@@ -61,6 +62,7 @@ def test_variable_blocks_configure_the_same_fields() -> None:
     assert video.spec.mode == "async" and video.spec.method == "PUT" and video.spec.retryable_status == (429, 503)
     assert video.spec.success_values == ("ready",) and video.spec.headers == {"X-Client": "emp"}
     assert video.spec.progress_scale == 1 and video.token == "tok-123"
+    assert video.spec.job_headers == ("x-render-hint", "x-seed")
     assert services["upscale"].spec.base_url == "http://10.0.0.7:9000/"
 
 
@@ -91,6 +93,10 @@ def test_credentials_come_from_the_named_variables_and_stay_out_of_repr() -> Non
     (_json(x={"base_url": "http://h", "path": "//evil/x"}), {}, "path='//evil/x'"),
     (_json(x={"base_url": "http://h", "headers": {"Authorization": "Bearer leaked"}}), {},
      "service 'x': headers: 'Authorization' cannot be configured"),
+    (_json(x={"base_url": "http://h", "job_headers": ["X-Original-URL"]}), {},
+     "service 'x': job_headers: 'X-Original-URL' can never be set by a job"),
+    ("a", {"EMP_REST_A_BASE_URL": "http://h", "EMP_REST_A_JOB_HEADERS": "X-Rewrite-URL"},
+     "EMP_REST_A_JOB_HEADERS"),
     (_json(x={"base_url": "http://h", "auth": "bearer"}), {}, "service 'x': auth: the token is read from "
      "EMP_REST_X_TOKEN, which is not set"),
     (_json(**{"bad name": {"base_url": "http://h"}}), {}, "service name 'bad name'"),

@@ -71,6 +71,52 @@ def test_an_endpoint_outside_the_base_is_refused() -> None:
         parse_request({"endpoint": "http://169.254.169.254/latest/meta-data"}, SPEC)
 
 
+OPEN = RestService(base_url="http://127.0.0.1:9000/api", headers={"X-Tenant": "t1"}, job_headers=["X-Render-Hint"])
+
+
+@pytest.mark.parametrize("name", [
+    # a method override or a rewritten URL: frameworks and proxies would act on these as another request
+    "X-HTTP-Method-Override", "X-HTTP-Method", "X-Method-Override", "X-Original-URL", "X-Rewrite-URL",
+    "X-Original-URI",
+    # a forged client, host or scheme: what a proxy's access rules look at
+    "Forwarded", "X-Forwarded-For", "X-Forwarded-Host", "x-forwarded-proto", "X-Forwarded-Prefix",
+    "X-Forwarded-Whatever", "X-Real-IP", "X-Client-IP", "X-Host",
+    # credentials, framing, the operator's own header
+    "Authorization", "Cookie", "Proxy-Anything", "Transfer-Encoding", "Expect", "X-Tenant",
+    # not on the allow-list, and not one the operator added
+    "X-Custom", "X-Amz-Security-Token", "X-Envoy-Original-Path", "User-Agent", "Origin", "Referer",
+])
+def test_job_headers_outside_the_allow_list_are_refused(name: str) -> None:
+    with pytest.raises(BadRequest, match=f"header {name!r}"):
+        job_headers({name: "v"}, OPEN)
+
+
+@pytest.mark.parametrize("name", ["Accept", "accept-language", "Content-Type", "If-None-Match", "Prefer",
+                                  "Idempotency-Key", "X-Request-Id", "X-Correlation-ID", "traceparent",
+                                  "tracestate", "X-Render-Hint", "x-render-hint"])
+def test_safe_job_headers_and_the_operators_extras_pass(name: str) -> None:
+    assert job_headers({name: "v"}, OPEN) == {name: "v"}
+
+
+def test_an_unlisted_header_names_the_setting_that_allows_it() -> None:
+    with pytest.raises(BadRequest, match="job_headers"):
+        job_headers({"X-Render-Hint": "v"}, SPEC)
+
+
+@pytest.mark.parametrize(("job_headers_setting", "match"), [
+    (["X-HTTP-Method-Override"], "can never be set by a job"),
+    (["X-Forwarded-For"], "can never be set by a job"),
+    (["x-forwarded-anything"], "can never be set by a job"),
+    (["Authorization"], "can never be set by a job"),
+    (["Proxy-Foo"], "can never be set by a job"),
+    (["bad name"], "not an HTTP header name"),
+    (["X-Tenant"], "configured in headers"),
+])
+def test_the_operator_cannot_open_dangerous_headers_to_jobs(job_headers_setting: list[str], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        RestService(base_url="http://127.0.0.1:9000", headers={"X-Tenant": "t1"}, job_headers=job_headers_setting)
+
+
 def test_headers_none_means_none() -> None:
     assert job_headers(None, SPEC) is None and job_headers({}, SPEC) == {}
 
