@@ -314,11 +314,17 @@ def failover(found: SentinelSet, within_s: float = 30.0) -> int:
         _command(client, "SENTINEL", "FAILOVER", found.master_name)
 
     def moved() -> bool:
+        """Done: the sentinel's master record (what redis-py reads) names the new master, which
+        is one, and the old master is a replica now."""
         port = found.master_port()
-        if port == before:
+        with found.sentinel_client() as client:
+            masters = _command(client, "SENTINEL", "MASTERS")
+        records = [dict(zip(m[::2], m[1::2], strict=True)) for m in masters]
+        if port == before or not any(int(r["port"]) == port for r in records):
             return False
-        with found.node(port) as node:
-            return bool(node.info("replication").get("role") == "master")
+        with found.node(port) as node, found.node(before) as old:
+            return bool(node.info("replication").get("role") == "master"
+                        and old.info("replication").get("role") == "slave")
 
     _wait("the failover", moved, within_s)
     return found.master_port()
