@@ -78,7 +78,7 @@ CREDENTIAL_STATUSES = frozenset({401, 403})  # this worker's configuration is ba
 # The `timeout` parameters below are httpx timeouts (connect/read/write/pool, each bounded), not a
 # deadline for the whole call, hence the ASYNC109 ignores.
 _CONNECT_ERRORS = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
-_DEFAULT_PORTS = {"http": 80, "https": 443}
+DEFAULT_PORTS = {"http": 80, "https": 443}  # the schemes an engine may use, and their ports
 _PrimitiveData = str | int | float | bool | None
 Params = Mapping[str, _PrimitiveData | Sequence[_PrimitiveData]]
 
@@ -197,7 +197,7 @@ def _clip(text: str, limit: int) -> str:
 
 def _origin(url: httpx.URL) -> tuple[str, str, int | None]:
     scheme = url.scheme.lower()
-    return scheme, url.host.lower(), url.port or _DEFAULT_PORTS.get(scheme)
+    return scheme, url.host.lower(), url.port or DEFAULT_PORTS.get(scheme)
 
 
 def _foreign_target(base: httpx.URL, path: str) -> bool:
@@ -239,7 +239,7 @@ class StreamedResponse:
             async for chunk in self.response.aiter_bytes(chunk_size):
                 seen += len(chunk)
                 if seen > self._engine.max_response_bytes:
-                    raise self._engine._too_large(self._what, f"more than {seen} bytes")
+                    raise self._engine.error_for_size(self._what, f"more than {seen} bytes")
                 yield chunk
 
 
@@ -295,7 +295,7 @@ class HttpEngine:
             url = httpx.URL(base_url)
         except httpx.InvalidURL:
             url = httpx.URL()
-        if url.scheme not in _DEFAULT_PORTS or not url.host:
+        if url.scheme not in DEFAULT_PORTS or not url.host:
             raise ConfigError(f"{self.name} URL {self._shown_url!r}: must be an http:// or https:// URL "
                               "with a host, e.g. http://127.0.0.1:8188")
         return url
@@ -425,6 +425,13 @@ class HttpEngine:
         ``Location``); the default is :meth:`error_for_answer`."""
         return self.error_for_answer(response.status_code, body, response.headers.get("Content-Type", ""), request)
 
+    def error_for_size(self, what: str, size: str) -> JobError:
+        """The JobError for an answer over ``max_response_bytes`` (``size``: e.g. ``"more than 1025
+        bytes"``). Permanent by default: the size follows from the job's input."""
+        return PermanentJobError(f"{self.name} answered {what} with {size}, over this worker's limit of "
+                                 f"{self.max_response_bytes} bytes (max_response_bytes); the job's output "
+                                 "is too big to fetch")
+
     def redact(self, text: str) -> str:
         """``text`` with every configured token and password replaced by ``***``."""
         return _redact(text, self._secrets)
@@ -446,7 +453,7 @@ class HttpEngine:
                 raise await self._error_of(response, what)
             declared = response.headers.get("Content-Length", "")
             if declared.isdigit() and int(declared) > self.max_response_bytes:
-                raise self._too_large(what, f"{declared} bytes")
+                raise self.error_for_size(what, f"{declared} bytes")
             yield StreamedResponse(response, self, what)
         finally:
             await response.aclose()
@@ -519,11 +526,6 @@ class HttpEngine:
     def _unreachable(self, exc: BaseException, attempts: int) -> RetryableJobError:
         return RetryableJobError(f"{self.name} at {self.base_url} is unreachable: {type(exc).__name__}: "
                                  f"{self._detail(exc)} ({attempts} attempt(s)); is it running?")
-
-    def _too_large(self, what: str, size: str) -> PermanentJobError:
-        return PermanentJobError(f"{self.name} answered {what} with {size}, over this worker's limit of "
-                                 f"{self.max_response_bytes} bytes (max_response_bytes); the job's output "
-                                 "is too big to fetch")
 
     def _foreign(self, path: str) -> PermanentJobError:
         host = f"{self._base.scheme}://{self._base.netloc.decode('ascii')}"

@@ -10,17 +10,13 @@ is sent per request in ``override_settings``, never through the global options.
 from __future__ import annotations
 
 import base64
-import fnmatch
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
-
-from connectors.http import HttpEngine
-from worker.errors import JobError, PermanentJobError, RetryableJobError
-from worker.settings import redact_url
+from connectors.inputs import AllowedHost, fetch_input
+from worker.errors import PermanentJobError, RetryableJobError
 
 ENDPOINTS = ("txt2img", "img2img")
 WORKER_KEYS = ("endpoint",)  # payload keys for the worker, not sent to A1111
@@ -118,11 +114,6 @@ def with_checkpoint(body: dict[str, Any], title: str | None, restore: bool) -> d
 # -- inputs given as URLs ----------------------------------------------------------------------
 
 
-def host_allowed(host: str, allowed: Iterable[str]) -> bool:
-    host = host.lower().rstrip(".")
-    return any(host == p or (p.startswith("*.") and fnmatch.fnmatchcase(host, p)) for p in allowed)
-
-
 def url_inputs(body: dict[str, Any]) -> list[tuple[str, str]]:
     """(where, url) of each input image given as an http(s) URL: ``init_images[i]`` and ``mask``."""
     found: list[tuple[str, str]] = []
@@ -138,42 +129,10 @@ def _is_url(value: Any) -> bool:
     return isinstance(value, str) and value[:8].lower().startswith(("http://", "https://"))
 
 
-class _InputHttp(HttpEngine):
-    """An input's server: a 4xx means the job's URL is wrong (permanent); 408, 429 and 5xx may pass."""
-
-    def error_for_answer(self, status: int, body: bytes, content_type: str, request: str) -> JobError:
-        if status in (408, 429) or status >= 500:
-            return RetryableJobError(f"answered {status} to {request}")
-        return PermanentJobError(f"answered {status} to {request}")
-
-
-async def fetch_input(url: str, allowed: Sequence[str], max_bytes: int, timeout_s: float) -> str:
-    """The base64 of the input at ``url``: an http(s) URL of an allowed host, at most
-    ``max_bytes``, redirects not followed (they could lead anywhere)."""
-    shown = redact_url(url)[:300]
-    try:
-        parsed = httpx.URL(url)
-    except httpx.InvalidURL:
-        raise PermanentJobError(f"input {shown!r} is not a valid URL") from None
-    if parsed.userinfo:
-        raise PermanentJobError(f"input {shown!r}: URLs with credentials are not fetched")
-    if not parsed.host or not host_allowed(parsed.host, allowed):
-        raise PermanentJobError(f"input {shown!r}: host {parsed.host!r:.100} is not in EMP_A1111_INPUT_HOSTS, so the "
-                                "worker does not fetch it (send the image as base64, or allow the host)")
-    origin = f"{parsed.scheme}://{parsed.netloc.decode('ascii')}"
-    timeout = httpx.Timeout(timeout_s, connect=min(timeout_s, 10.0))
-    try:
-        async with _InputHttp(origin, name="input", timeout=timeout, connect_retries=2,
-                              max_response_bytes=max_bytes) as http:
-            response = await http.request("GET", parsed.raw_path.decode("ascii"))
-    except JobError as exc:
-        raise type(exc)(f"input {shown!r}: {exc}") from exc
-    return base64.b64encode(response.content).decode("ascii")
-
-
-async def inline_inputs(body: dict[str, Any], allowed: Sequence[str], max_bytes: int,
+async def inline_inputs(body: dict[str, Any], allowed: Sequence[AllowedHost], max_bytes: int,
                         timeout_s: float) -> dict[str, Any]:
-    """The body with every input URL replaced by the base64 of what it points at."""
+    """The body with every input URL replaced by the base64 of what it points at (fetched by
+    :func:`connectors.inputs.fetch_input`: allowed hosts and ports only, bounded, no redirects)."""
     found = url_inputs(body)
     if not found:
         return body
@@ -183,7 +142,9 @@ async def inline_inputs(body: dict[str, Any], allowed: Sequence[str], max_bytes:
     if isinstance(out.get("init_images"), list):
         out["init_images"] = list(out["init_images"])
     for where, url in found:
-        data = await fetch_input(url, allowed, max_bytes, timeout_s)
+        fetched = await fetch_input(url, allowed, max_bytes, timeout_s, hosts_setting="EMP_A1111_INPUT_HOSTS",
+                                    size_setting="EMP_A1111_MAX_INPUT_BYTES")
+        data = base64.b64encode(fetched).decode("ascii")
         if where == "mask":
             out["mask"] = data
         else:

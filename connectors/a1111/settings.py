@@ -4,15 +4,17 @@ from __future__ import annotations
 
 from pydantic import Field, SecretStr
 
+from connectors.inputs import InputSettings
 from connectors.settings import EngineSettings
 from worker.errors import ConfigError
 
 MIB = 1024 * 1024
 
 
-class A1111Settings(EngineSettings):
+class A1111Settings(EngineSettings, InputSettings):
     """Per slot: ``URL`` + ``PORT_STEP`` (slot I uses port + I * step) or ``URLS`` (slot I uses
-    the I-th entry); ``AUTH`` is A1111's ``--api-auth`` pair ``user:pass``."""
+    the I-th entry); ``AUTH`` is A1111's ``--api-auth`` pair ``user:pass``; ``INPUT_HOSTS`` and
+    ``INPUT_TIMEOUT_S`` (:class:`connectors.inputs.InputSettings`) for input URLs."""
 
     url: str = "http://127.0.0.1:7860"  # --api with the UI; a --nowebui server listens on 7861
     auth: SecretStr = SecretStr("")
@@ -26,10 +28,7 @@ class A1111Settings(EngineSettings):
     #: progress unanswered this long while a generation runs: the engine is gone (retryable)
     stall_s: float = Field(30.0, gt=0, le=3600)
     max_response_bytes: int = Field(512 * MIB, gt=0)
-    #: hosts whose http(s) URLs a job may give as inputs (comma list; "*.example.com" for a domain)
-    input_hosts: str = Field("", max_length=4096)
     max_input_bytes: int = Field(32 * MIB, gt=0, le=1024 * MIB)
-    input_timeout_s: float = Field(60.0, gt=0, le=3600)
     #: true: A1111 reloads its own checkpoint after a job that asked for another one
     restore_checkpoint: bool = False
 
@@ -44,6 +43,3 @@ class A1111Settings(EngineSettings):
             raise ConfigError("EMP_A1111_AUTH must be user:pass (the pair given to A1111's --api-auth); "
                               "the value set is not (it is not shown)")
         return user, password
-
-    def allowed_input_hosts(self) -> tuple[str, ...]:
-        return tuple(h.strip().lower() for h in self.input_hosts.split(",") if h.strip())

@@ -1,46 +1,26 @@
 """Input images of a job, uploaded to ComfyUI's input folder before its prompt is queued.
 
-An image given by URL is fetched only from a host the operator allows
-(``EMP_COMFYUI_INPUT_HOSTS``), through an HttpEngine locked to that host (no redirects, so no
-answer can lead elsewhere), and bounded by ``EMP_COMFYUI_MAX_INPUT_IMAGE_BYTES``: a job's payload
-is untrusted and must not turn the worker against its network.
+An image given by URL is fetched by :func:`connectors.inputs.fetch_input`: only from a host and
+port the operator allows (``EMP_COMFYUI_INPUT_HOSTS``), no redirects, bounded by
+``EMP_COMFYUI_MAX_INPUT_IMAGE_BYTES``; a job's payload is untrusted and must not turn the worker
+against its network.
 """
 
 from __future__ import annotations
 
-from urllib.parse import urlsplit
-
-import httpx
+from collections.abc import Sequence
 
 from connectors.comfyui.client import ComfyClient
 from connectors.comfyui.payload import InputImage
-from connectors.http import HttpEngine
-from worker.errors import PermanentJobError
+from connectors.inputs import AllowedHost, fetch_input
 
 
-def check_url(url: str, allowed: frozenset[str]) -> tuple[str, str]:
-    """(origin, path+query) of an input URL whose host is allowed; PermanentJobError otherwise."""
-    parts = urlsplit(url)
-    host = (parts.hostname or "").lower()
-    if parts.scheme not in ("http", "https") or not host or parts.username or parts.password:
-        raise PermanentJobError(f"input image URL {url[:100]!r} must be a plain http(s) URL")
-    if host not in allowed:
-        shown = ", ".join(sorted(allowed)) or "none: set EMP_COMFYUI_INPUT_HOSTS to allow some"
-        raise PermanentJobError(f"input image host {host!r} is not allowed (allowed: {shown})")
-    origin = f"{parts.scheme}://{parts.netloc}"
-    path = parts.path or "/"
-    return origin, f"{path}?{parts.query}" if parts.query else path
+async def fetch(url: str, allowed: Sequence[AllowedHost], max_bytes: int, timeout_s: float) -> bytes:
+    return await fetch_input(url, allowed, max_bytes, timeout_s, hosts_setting="EMP_COMFYUI_INPUT_HOSTS",
+                             size_setting="EMP_COMFYUI_MAX_INPUT_IMAGE_BYTES")
 
 
-async def fetch(url: str, allowed: frozenset[str], max_bytes: int, timeout_s: float) -> bytes:
-    origin, path = check_url(url, allowed)
-    async with HttpEngine(origin, name="input image host", max_response_bytes=max_bytes, connect_retries=1,
-                          timeout=httpx.Timeout(timeout_s, connect=min(timeout_s, 10.0))) as engine:
-        answer = await engine.request("GET", path)
-    return answer.content
-
-
-async def upload_all(client: ComfyClient, images: list[InputImage], *, allowed: frozenset[str],
+async def upload_all(client: ComfyClient, images: list[InputImage], *, allowed: Sequence[AllowedHost],
                      max_bytes: int, timeout_s: float) -> dict[str, str]:
     """Upload every image; returns {name the workflow uses: name ComfyUI stored it under} for
     those ComfyUI stored under another name (or in a subfolder)."""

@@ -84,7 +84,7 @@ class PromptRun:
     async def execute(self) -> JobResult:
         s = self.settings
         renamed = await inputs.upload_all(self.client, self.spec.images, allowed=s.allowed_input_hosts(),
-                                          max_bytes=s.max_input_image_bytes, timeout_s=s.request_timeout_s)
+                                          max_bytes=s.max_input_image_bytes, timeout_s=s.input_timeout_s)
         workflow = rename_inputs(self.spec.workflow, renamed)
         socket = self.engine.socket
         await socket.wait_connected(s.connect_timeout_s)

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 from pydantic import Field, SecretStr, field_validator
 
+from connectors.inputs import InputSettings
 from connectors.settings import EngineSettings
 from worker.errors import ConfigError
 
 DEFAULT_MODEL_FOLDERS = "checkpoints,diffusion_models,unet,loras,vae,text_encoders,clip,controlnet,upscale_models"
 
 
-class ComfyUISettings(EngineSettings):
-    """Slot I talks to ``URL`` with its port + I * ``PORT_STEP``, or to the I-th of ``URLS``."""
+class ComfyUISettings(EngineSettings, InputSettings):
+    """Slot I talks to ``URL`` with its port + I * ``PORT_STEP``, or to the I-th of ``URLS``;
+    ``INPUT_HOSTS`` and ``INPUT_TIMEOUT_S`` (:class:`connectors.inputs.InputSettings`) for image URLs."""
 
     url: str = "http://127.0.0.1:8188"
     #: user:password for a ComfyUI behind a proxy with basic auth (never logged)
@@ -38,8 +40,6 @@ class ComfyUISettings(EngineSettings):
     #: ask ComfyUI for previews with their prompt id (PREVIEW_IMAGE_WITH_METADATA)
     preview_metadata: bool = True
     max_input_image_bytes: int = Field(50 * 1024 * 1024, gt=0, le=1024 * 1024 * 1024)
-    #: hosts input image URLs may come from (comma list; empty: URLs refused, only inline data)
-    input_hosts: str = ""
     max_output_bytes: int = Field(4 * 1024 * 1024 * 1024, gt=0)
     #: folders listed by models() (GET /models/<folder>)
     model_folders: str = DEFAULT_MODEL_FOLDERS
@@ -73,9 +73,6 @@ class ComfyUISettings(EngineSettings):
 
     def bearer(self) -> str | None:
         return self.token.get_secret_value() or None
-
-    def allowed_input_hosts(self) -> frozenset[str]:
-        return frozenset(h.strip().lower() for h in self.input_hosts.split(",") if h.strip())
 
     def folders(self) -> list[str]:
         return [f.strip() for f in self.model_folders.split(",") if f.strip()]

@@ -200,10 +200,14 @@ async def files() -> AsyncIterator[str]:
     async def moved(request: web.Request) -> web.Response:
         raise web.HTTPFound("http://169.254.169.254/latest/meta-data")
 
+    async def denied(request: web.Request) -> web.Response:  # S3 echoes the signature it refused
+        return web.Response(status=403, text=f"<Error><Signature>{request.query_string}</Signature></Error>")
+
     app = web.Application()
     app.router.add_get("/init.png", image)
     app.router.add_get("/big.png", big)
     app.router.add_get("/moved.png", moved)
+    app.router.add_get("/denied.png", denied)
     runner = web.AppRunner(app)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -216,7 +220,7 @@ async def files() -> AsyncIterator[str]:
 async def test_input_urls_from_allowed_hosts_are_fetched_and_sent_as_base64(
     fake: FakeA1111, connector_for: ConnectorFactory, files: str
 ) -> None:
-    connector = await connector_for(fake, input_hosts="127.0.0.1")
+    connector = await connector_for(fake, input_hosts=files.removeprefix("http://"))
     await _run(connector, small(init_images=[f"{files}/init.png"], mask=f"{files}/init.png"))
     [generation] = fake.engine.generations
     assert generation.body["init_images"] == [base64.b64encode(INIT).decode()]
@@ -226,17 +230,30 @@ async def test_input_urls_from_allowed_hosts_are_fetched_and_sent_as_base64(
 @pytest.mark.parametrize(("path", "hosts", "message"), [
     ("/init.png", "", "is not in EMP_A1111_INPUT_HOSTS"),
     ("/init.png", "*.example.com", "is not in EMP_A1111_INPUT_HOSTS"),
-    ("/big.png", "127.0.0.1", "over this worker's limit of 1024 bytes"),
-    ("/missing.png", "127.0.0.1", "answered 404"),
-    ("/moved.png", "127.0.0.1", "answered 302"),  # redirects are not followed: they could lead anywhere
+    ("/init.png", "127.0.0.1", "is not in EMP_A1111_INPUT_HOSTS"),  # the host, but only on port 80
+    ("/big.png", "FILES", r"over this worker's limit of 1024 bytes \(EMP_A1111_MAX_INPUT_BYTES\)"),
+    ("/missing.png", "FILES", "answered 404"),
+    ("/moved.png", "FILES", "answered 302"),  # redirects are not followed: they could lead anywhere
 ])
 async def test_input_urls_are_bounded(
     fake: FakeA1111, connector_for: ConnectorFactory, files: str, path: str, hosts: str, message: str
 ) -> None:
+    hosts = files.removeprefix("http://") if hosts == "FILES" else hosts
     connector = await connector_for(fake, input_hosts=hosts, max_input_bytes="1024")
     with pytest.raises(PermanentJobError, match=message):
         await _run(connector, small(init_images=[f"{files}{path}"]))
     assert not fake.engine.generations
+
+
+@pytest.mark.parametrize("url", ["{files}/denied.png?X-Amz-Signature=SECRET-SIG", "http://bob:SECRET-SIG@{host}/init.png"])
+async def test_input_url_secrets_never_reach_the_error(
+    fake: FakeA1111, connector_for: ConnectorFactory, files: str, url: str
+) -> None:
+    host = files.removeprefix("http://")
+    connector = await connector_for(fake, input_hosts=host)
+    with pytest.raises(PermanentJobError) as caught:
+        await _run(connector, small(init_images=[url.format(files=files, host=host)]))
+    assert "SECRET-SIG" not in str(caught.value) and "input http://" in str(caught.value)
 
 
 # -- errors -----------------------------------------------------------------------------------

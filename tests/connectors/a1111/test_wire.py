@@ -1,5 +1,6 @@
 """The A1111 connector's pure parts as tables: error mapping (over every recorded error example),
-progress from A1111's reply, the generation reply, checkpoint names, input hosts and settings."""
+progress from A1111's reply, the generation reply, checkpoint names and settings (input hosts:
+tests/connectors/test_inputs.py)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,6 @@ from connectors.a1111.request import (
     advertised,
     checkpoint_aliases,
     choose_checkpoint,
-    host_allowed,
     request_body,
     with_checkpoint,
 )
@@ -177,19 +177,6 @@ def test_with_checkpoint_keeps_the_payloads_restore_choice() -> None:
 def test_bad_payloads_are_permanent(payload: Any, message: str) -> None:
     with pytest.raises(PermanentJobError, match=message):
         request_body(payload)
-
-
-@pytest.mark.parametrize(("host", "allowed", "expected"), [
-    ("cdn.example.com", ["cdn.example.com"], True),
-    ("CDN.example.com.", ["cdn.example.com"], True),
-    ("a.cdn.example.com", ["*.example.com"], True),
-    ("example.com", ["*.example.com"], False),
-    ("evil-example.com", ["*.example.com"], False),
-    ("127.0.0.1", [], False),
-    ("anything", ["*"], False),  # no "allow everything"
-])
-def test_input_hosts(host: str, allowed: list[str], expected: bool) -> None:
-    assert host_allowed(host, allowed) is expected
 
 
 # -- settings and registration ----------------------------------------------------------------

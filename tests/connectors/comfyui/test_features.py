@@ -71,8 +71,12 @@ async def image_host() -> AsyncIterator[str]:
     async def serve(request: web.Request) -> web.Response:
         return web.Response(body=media.png(8, 8, 0x0000FF), content_type="image/png")
 
+    async def denied(request: web.Request) -> web.Response:  # S3 echoes the signature it refused
+        return web.Response(status=403, text=f"<Error><Signature>{request.query_string}</Signature></Error>")
+
     app = web.Application()
     app.router.add_get("/img.png", serve)
+    app.router.add_get("/denied.png", denied)
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -87,12 +91,27 @@ async def test_input_image_urls_only_from_allowed_hosts(fake: FakeComfyUI, comfy
                 "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "url"}}}
     payload = {"workflow": workflow, "images": [{"name": "remote.png", "url": f"{image_host}/img.png"}]}
     refusing = await comfy(fake)
-    with pytest.raises(PermanentJobError, match="not allowed"):
+    with pytest.raises(PermanentJobError, match="is not in EMP_COMFYUI_INPUT_HOSTS"):
         await run_job(refusing, make_job("comfyui", payload))
     assert fake.uploads == [] and fake.prompts == []
-    allowing = await comfy(fake, EMP_COMFYUI_INPUT_HOSTS="127.0.0.1")
+    on_port_80 = await comfy(fake, EMP_COMFYUI_INPUT_HOSTS="127.0.0.1")  # the host, but not this port
+    with pytest.raises(PermanentJobError, match="is not in EMP_COMFYUI_INPUT_HOSTS"):
+        await run_job(on_port_80, make_job("comfyui", payload))
+    allowing = await comfy(fake, EMP_COMFYUI_INPUT_HOSTS=image_host.removeprefix("http://"))
     result, _ = await run_job(allowing, make_job("comfyui", payload))
     assert fake.uploads[0].name == "remote.png" and result["files"][0]["filename"] == "url_00001_.png"
+
+
+@pytest.mark.parametrize("url", ["{base}/denied.png?X-Amz-Signature=SECRET-SIG", "http://bob:SECRET-SIG@{host}/img.png"])
+async def test_input_image_url_secrets_never_reach_the_error(fake: FakeComfyUI, comfy: ConnectorFactory,
+                                                             image_host: str, url: str) -> None:
+    host = image_host.removeprefix("http://")
+    payload = {"workflow": graph("url"), "images": [{"name": "r.png", "url": url.format(base=image_host, host=host)}]}
+    connector = await comfy(fake, EMP_COMFYUI_INPUT_HOSTS=host)
+    with pytest.raises(PermanentJobError) as caught:  # a refused presigned URL is refused on every worker
+        await run_job(connector, make_job("comfyui", payload))
+    assert "SECRET-SIG" not in str(caught.value) and "input http://" in str(caught.value)
+    assert fake.prompts == []
 
 
 async def test_models_health_and_loaded(fake: FakeComfyUI, comfy: ConnectorFactory) -> None:
