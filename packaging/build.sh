@@ -4,9 +4,11 @@
 #   bash packaging/build.sh            # from any directory
 #   PYTHON=python3.12 bash packaging/build.sh
 #   EMP_BUILD_KEEP_VENV=1 bash packaging/build.sh   # reuse build/venv from the last run (faster)
+#   EMP_BUILD_VENV=.venv bash packaging/build.sh     # use this venv as it is (CI: it has .[dev,build])
 #
-# Steps: a throwaway venv under build/venv, pip install '.[build]' (the package, its runtime
-# dependencies and PyInstaller), pyinstaller worker.spec, then a smoke test of the binary.
+# Steps: a throwaway venv under build/venv, pip install '.[build,s3,azure]' (the package, its runtime
+# dependencies, the cloud output stores' libraries and PyInstaller), pyinstaller worker.spec, then a
+# smoke test of the binary.
 # Build on the oldest glibc you deploy to: the binary runs on that glibc and newer ones only.
 set -euo pipefail
 
@@ -14,7 +16,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 
 PYTHON="${PYTHON:-python3}"
-VENV="build/venv"
+VENV="${EMP_BUILD_VENV:-build/venv}"
 BIN="dist/emp-worker"
 started=$(date +%s)
 
@@ -23,17 +25,21 @@ log() { printf '\n==> %s\n' "$*"; }
 "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
     || { echo "build.sh: $PYTHON is older than Python 3.11" >&2; exit 1; }
 
-if [[ "${EMP_BUILD_KEEP_VENV:-0}" != 1 || ! -x "$VENV/bin/python" ]]; then
-    log "creating $VENV with $("$PYTHON" --version)"
-    rm -rf "$VENV"
-    "$PYTHON" -m venv "$VENV"
-    "$VENV/bin/python" -m pip install --quiet --upgrade pip
+if [[ -n "${EMP_BUILD_VENV:-}" ]]; then
+    [[ -x "$VENV/bin/pyinstaller" ]] || { echo "build.sh: $VENV has no pyinstaller (pip install -e '.[build]')" >&2; exit 1; }
+    log "using $VENV as it is"
+else
+    if [[ "${EMP_BUILD_KEEP_VENV:-0}" != 1 || ! -x "$VENV/bin/python" ]]; then
+        log "creating $VENV with $("$PYTHON" --version)"
+        rm -rf "$VENV"
+        "$PYTHON" -m venv "$VENV"
+        "$VENV/bin/python" -m pip install --quiet --upgrade pip
+    fi
+    log "installing .[build,s3,azure]"
+    # setuptools stages the wheel in build/lib; clear it so files deleted from the tree cannot linger.
+    rm -rf build/lib build/bdist.*
+    "$VENV/bin/python" -m pip install --quiet --upgrade '.[build,s3,azure]'
 fi
-
-log "installing .[build]"
-# setuptools stages the wheel in build/lib; clear it so files deleted from the tree cannot linger.
-rm -rf build/lib build/bdist.*
-"$VENV/bin/python" -m pip install --quiet --upgrade '.[build]'
 
 log "pyinstaller worker.spec"
 "$VENV/bin/pyinstaller" --clean --noconfirm --log-level WARN \
