@@ -249,7 +249,7 @@ class HttpEngine:
     Paths are relative to ``base_url`` (a leading ``/`` stays under its path); an absolute URL is
     allowed only with the base URL's scheme, host and port. Credentials come from ``auth``
     (basic), ``token`` (bearer) or the URL's ``user:password@``. ``connect_retries=3`` means up
-    to 4 connection attempts. ``verify`` is a bool or a CA bundle path.
+    to 4 connection attempts. ``verify`` is a bool, a CA bundle path or an ``ssl.SSLContext``.
     """
 
     def __init__(
@@ -263,7 +263,7 @@ class HttpEngine:
         auth: tuple[str, str] | None = None,
         token: str | None = None,
         headers: Mapping[str, str] | None = None,
-        verify: bool | str = True,
+        verify: bool | str | ssl.SSLContext = True,
         transport: httpx.AsyncBaseTransport | None = None,
         max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
     ) -> None:
@@ -308,7 +308,7 @@ class HttpEngine:
         if auth and token:
             raise ConfigError(f"{self.name}: configure a bearer token or a user/password, not both")
 
-    def _ssl_context(self, verify: bool | str) -> ssl.SSLContext | bool:
+    def _ssl_context(self, verify: bool | str | ssl.SSLContext) -> ssl.SSLContext | bool:
         if not isinstance(verify, str):
             return verify
         try:

@@ -40,6 +40,7 @@ class ComfyUIConnector(Connector):
         s = self.settings
         self.url = s.url_for(config.slot_index)
         self._auth = s.basic_auth()  # ConfigError now (at start-up) when malformed
+        self._tls = s.ssl_context()  # one TLS context: the socket must trust what the HTTP calls trust
         self.engine: Engine | None = None
         self.supervisor: Supervisor | None = None
         if s.command:
@@ -56,8 +57,7 @@ class ComfyUIConnector(Connector):
 
     def _build(self) -> Engine:
         s = self.settings
-        verify: bool | str = s.ca_bundle or s.tls_verify
-        http = ComfyHttp(self.url, name="ComfyUI", auth=self._auth, token=s.bearer(), verify=verify,
+        http = ComfyHttp(self.url, name="ComfyUI", auth=self._auth, token=s.bearer(), verify=self._tls,
                          timeout=httpx.Timeout(s.request_timeout_s, connect=s.connect_timeout_s),
                          connect_retries=2, retry_backoff_s=0.2, max_response_bytes=s.max_output_bytes)
         headers = {}  # the socket gets the same credentials as the HTTP calls (never logged)
@@ -66,7 +66,7 @@ class ComfyUIConnector(Connector):
         elif s.bearer():
             headers["Authorization"] = f"Bearer {s.bearer()}"
         socket = ComfySocket(self.url, headers=headers, open_timeout_s=s.connect_timeout_s,
-                             preview_metadata=s.preview_metadata, ssl_verify=bool(s.tls_verify))
+                             preview_metadata=s.preview_metadata, ssl_context=self._tls)
         return Engine(ComfyClient(http, poll_timeout_s=min(s.request_timeout_s, 10.0)), socket, s)
 
     async def start(self) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ssl
+
 from pydantic import Field, SecretStr, field_validator
 
 from connectors.inputs import InputSettings
@@ -22,7 +24,7 @@ class ComfyUISettings(EngineSettings, InputSettings):
     token: SecretStr = SecretStr("")
     #: verify TLS certificates of an https:// URL (false only for a self-signed test proxy)
     tls_verify: bool = True
-    #: CA bundle file for an https:// URL signed by a private CA
+    #: CA bundle file for an https:// URL signed by a private CA (then verified against it, whatever TLS_VERIFY)
     ca_bundle: str = ""
     connect_timeout_s: float = Field(5.0, gt=0, le=300)
     #: longest a single HTTP answer may take (a busy ComfyUI answers slowly: pitfall 8)
@@ -70,6 +72,18 @@ class ComfyUISettings(EngineSettings, InputSettings):
         if self.bearer():
             raise ConfigError("EMP_COMFYUI_AUTH and EMP_COMFYUI_TOKEN are both set: configure one of them")
         return user, password
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """The one TLS configuration of both the HTTP calls and the /ws socket: verified against
+        ``CA_BUNDLE`` when set, else the system's CAs, unless ``TLS_VERIFY`` is false (and no bundle)."""
+        try:
+            context = ssl.create_default_context(cafile=self.ca_bundle or None)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"EMP_COMFYUI_CA_BUNDLE={self.ca_bundle!r} cannot be used: {exc}") from None
+        if not self.tls_verify and not self.ca_bundle:
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+        return context
 
     def bearer(self) -> str | None:
         return self.token.get_secret_value() or None

@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import ssl
 import struct
 import time
 import uuid
@@ -196,14 +197,14 @@ class ComfySocket:
 
     def __init__(self, http_url: str, *, headers: Mapping[str, str] | None = None, open_timeout_s: float = 10.0,
                  max_frame_bytes: int = 128 * 1024 * 1024, preview_metadata: bool = True,
-                 ssl_verify: bool = True) -> None:
+                 ssl_context: ssl.SSLContext | None = None) -> None:
         base = http_url.rstrip("/")
         self._ws_base = "wss" + base[5:] if base.startswith("https") else "ws" + base[4:]
         self._headers = dict(headers or {})
         self._open_timeout_s = open_timeout_s
         self._max_frame = max_frame_bytes
         self._preview_metadata = preview_metadata
-        self._ssl_verify = ssl_verify
+        self._ssl_context = ssl_context  # for wss:// (None: the system's CAs, verified)
         self.router = Router()
         self.client_id = ""
         self.connected = asyncio.Event()
@@ -257,12 +258,7 @@ class ComfySocket:
     async def _connect_once(self) -> None:
         client_id = uuid.uuid4().hex
         url = f"{self._ws_base}/ws?clientId={client_id}"
-        ssl_arg: Any = None
-        if url.startswith("wss") and not self._ssl_verify:
-            import ssl
-
-            ssl_arg = ssl.create_default_context()
-            ssl_arg.check_hostname, ssl_arg.verify_mode = False, ssl.CERT_NONE
+        ssl_arg = self._ssl_context if url.startswith("wss") else None
         async with connect(url, additional_headers=self._headers, open_timeout=self._open_timeout_s,
                            max_size=self._max_frame, proxy=None, compression=None, ssl=ssl_arg,
                            user_agent_header="emp-worker", logger=_protocol_log) as conn:
