@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import httpx
 import psutil
 import pytest
 
@@ -28,6 +29,7 @@ from tests.packaging.procs import ROOT, built_binary, family
 from tests.worker.test_plugins_dir import HELLO
 from worker import __version__
 from worker.client import Client
+from worker.embedded import free_port
 from worker.keys import Keys
 
 pytestmark = [pytest.mark.binary, pytest.mark.timeout(900)]  # the first test may build it
@@ -161,7 +163,8 @@ async def _status(client: Client, job_id: str) -> str:
 async def test_a_simulation_job_end_to_end_and_the_time_to_registered(
     start: Callable[..., Running], client: Client, keys: Keys, record_property: Callable[[str, object], None]
 ) -> None:
-    worker = start("bin-e2e")
+    port = free_port()
+    worker = start("bin-e2e", EMP_METRICS_PORT=str(port))
     await wait_until(worker.ready, within_s=60, interval=0.02)
     took = time.monotonic() - worker.started
     assert await client.redis.exists(keys.heartbeat("bin-e2e"))
@@ -173,6 +176,9 @@ async def test_a_simulation_job_end_to_end_and_the_time_to_registered(
     job = await client.get(job_id)
     assert job["status"] == "completed" and job["worker_id"] == "bin-e2e"
     assert json.loads((await client.get(hello))["result"])["hello"] == "binary"  # the plugins/ connector
+    async with httpx.AsyncClient(timeout=10) as http:  # prometheus-client inside the binary
+        metrics = (await http.get(f"http://127.0.0.1:{port}/metrics")).text
+    assert "emp_jobs_total{" in metrics and 'service="simulation"' in metrics and 'service="hello"' in metrics
     os.kill(worker.proc.pid, signal.SIGTERM)  # the bootloader's PID only: it forwards the signal
     assert await worker.wait() == 0, worker.output()
     assert await client.redis.hget(keys.worker("bin-e2e"), "status") == "offline"
