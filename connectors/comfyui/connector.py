@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import shutil
 import tempfile
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -49,8 +48,9 @@ class ComfyUIConnector(Connector):
             self.supervisor = Supervisor(s.command, s.dir, port, gpu_uuid=config.gpu_uuid,
                                          log_path=log_dir / f"emp-comfyui-{port}.log", probe=self._answers,
                                          restart_max_s=s.restart_max_s)
-        self.runs: dict[str, PromptRun] = {}
-        self._scratch: list[Path] = []
+        #: by (job id, attempt): a timed-out attempt whose task outlives the worker's wait shares the
+        #: job id with its retry, which may already run here
+        self.runs: dict[tuple[str, int], PromptRun] = {}
         self._loaded: list[str] = []
 
     # -- lifecycle -----------------------------------------------------------------------------------
@@ -91,7 +91,6 @@ class ComfyUIConnector(Connector):
             self.engine = None
         if self.supervisor is not None:
             await self.supervisor.stop()
-        self._clean_scratch()
 
     async def _answers(self) -> bool:
         if self.engine is None:
@@ -111,26 +110,22 @@ class ComfyUIConnector(Connector):
             raise ConnectorError("the ComfyUI connector is not started")
         if self.supervisor is not None and not self.supervisor.ready.is_set():
             await self.supervisor.wait_ready()  # a restart under way: follow it (the job's timeout bounds this)
-        self._clean_scratch()  # the previous job's files: the worker has placed them by now
-        scratch = Path(tempfile.mkdtemp(prefix="emp-comfyui-", dir=self.settings.work_dir or None))
-        self._scratch.append(scratch)
-        run = PromptRun(engine, spec, ctx, scratch)
-        self.runs[job.id] = run
+        # outputs are fetched into the job's own directory, which the worker deletes once it placed them
+        run = PromptRun(engine, spec, ctx, ctx.temp_dir())
+        key = (job.id, job.attempt)
+        self.runs[key] = run
         try:
             result = await run.execute()
         finally:
-            self.runs.pop(job.id, None)
+            if self.runs.get(key) is run:
+                del self.runs[key]
         self._remember_loaded(spec.workflow)
         return result
 
     async def interrupt(self, job: Job, reason: StopReason) -> None:
-        run = self.runs.get(job.id)
+        run = self.runs.get((job.id, job.attempt))
         if run is not None:
             await run.stop(reason)
-
-    def _clean_scratch(self) -> None:
-        while self._scratch:
-            shutil.rmtree(self._scratch.pop(), ignore_errors=True)
 
     # -- health and models -----------------------------------------------------------------------------
 

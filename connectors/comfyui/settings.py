@@ -45,8 +45,6 @@ class ComfyUISettings(EngineSettings, InputSettings):
     max_output_bytes: int = Field(4 * 1024 * 1024 * 1024, gt=0)
     #: folders listed by models() (GET /models/<folder>)
     model_folders: str = DEFAULT_MODEL_FOLDERS
-    #: where fetched outputs wait for the worker (default: the system's temp folder)
-    work_dir: str = ""
     #: supervise ComfyUI: the command that starts it ({port} is the slot's port), in DIR
     command: str = ""
     dir: str = ""

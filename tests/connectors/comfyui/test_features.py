@@ -3,14 +3,17 @@ fake ComfyUI."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
 import json
 from collections.abc import AsyncIterator
 
 import pytest
 from aiohttp import web
 
-from connectors.testing import make_job, run_job
+from connectors.base import JobCancelled, StopReason
+from connectors.testing import FakeJobContext, make_job, run_job
 from tests.conftest import WorkerFactory, wait_until
 from tests.connectors.comfyui.conftest import FAST, ConnectorFactory, blur_chain, graph
 from tests.fakes.comfyui import FakeComfyUI, media
@@ -175,3 +178,42 @@ async def test_a_refused_workflow_is_not_withdrawn_afterwards(fake: FakeComfyUI,
     await run_job(connector, make_job("comfyui", graph()))  # a later job: any clean-up of the first came before
     posts = [path for method, path in fake.requests if method == "POST"]
     assert posts == ["/prompt", "/prompt"] and fake.interrupts == [] and fake.queue_deletes == []
+
+
+async def test_outputs_live_in_the_jobs_own_directory_until_the_worker_cleans_it(
+    fake: FakeComfyUI, comfy: ConnectorFactory
+) -> None:
+    connector = await comfy(fake)
+    result, ctx = await run_job(connector, make_job("comfyui", graph("own-dir")))
+    [output] = ctx.outputs
+    assert output.path is not None and output.path.is_file() and result["files"]
+    assert output.path.parent == ctx.temp_dir()  # not a directory of the connector's, kept until its next job
+    ctx.cleanup()  # what the worker does once the outcome is recorded
+    assert not output.path.exists()
+
+
+async def test_a_stale_attempt_ending_leaves_its_retry_cancellable(fake: FakeComfyUI, comfy: ConnectorFactory) -> None:
+    """A timed-out attempt whose task outlives the worker's wait shares its job id with the retry
+    already running here: its end must not make the retry's run unreachable for interrupt()."""
+    connector = await comfy(fake)
+    hold = fake.hold("11")
+    first = make_job("comfyui", blur_chain("stale"), job_id="same-job", attempt=1)
+    retry = make_job("comfyui", blur_chain("retry", color=99), job_id="same-job", attempt=2)
+    first_task = asyncio.create_task(run_job(connector, first))
+    await hold.wait_reached()
+    retry_ctx = FakeJobContext(retry)
+    retry_task = asyncio.create_task(connector.run(retry, retry_ctx))
+    await wait_until(lambda: any("queued" in u.message for u in retry_ctx.updates), within_s=10)
+    retry_prompt = fake.prompts[-1].prompt_id
+    first_task.cancel()  # the stale attempt's task ends now; its retry waits in ComfyUI's queue
+    with contextlib.suppress(asyncio.CancelledError):
+        await first_task
+    retry_ctx.cancel(StopReason.CANCELLED)
+    await connector.interrupt(retry, StopReason.CANCELLED)
+    assert {"delete": [retry_prompt]} in fake.queue_deletes  # the retry's cancel reached ComfyUI
+    retry_task.cancel()
+    with contextlib.suppress(asyncio.CancelledError, JobCancelled):
+        await retry_task
+    hold.release()
+    await fake.wait_idle()
+    assert retry_prompt not in fake.engine.history
