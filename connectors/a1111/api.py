@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from connectors.base import MAX_OUTPUTS
 from connectors.http import HttpEngine, body_excerpt
 from worker.errors import JobError, PermanentJobError, RetryableJobError
 
@@ -178,6 +179,9 @@ def decode_reply(reply: Any) -> Generated:
     images = reply.get("images") or []
     first = info.get("index_of_first_image", 0)
     first = first if isinstance(first, int) and not isinstance(first, bool) and 0 <= first <= len(images) else 0
+    if len(images) - first > MAX_OUTPUTS:  # before decoding them: the count follows from the request
+        raise PermanentJobError(f"a1111 produced {len(images) - first} images; a job may return at most {MAX_OUTPUTS} "
+                                "(ask for a smaller batch_size * n_iter)")
     return Generated([decode_image(text, i) for i, text in enumerate(images) if i >= first], info)
 
 

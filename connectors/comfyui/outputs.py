@@ -82,10 +82,16 @@ def discover(outputs: Mapping[str, Any], cached_nodes: Iterable[str] = ()) -> li
                 if key not in seen:
                     seen.add(key)
                     found.append(ref)
-    if len(found) > MAX_OUTPUTS:
-        raise PermanentJobError(f"the workflow produced {len(found)} outputs; a job may return at most "
-                                f"{MAX_OUTPUTS} (save fewer files, e.g. a smaller batch)")
+    check_count(len(found))
     return found
+
+
+def check_count(count: int) -> None:
+    """PermanentJobError when a prompt produced more outputs than a job may hand over (the count
+    follows from the workflow, so it is the same on every worker)."""
+    if count > MAX_OUTPUTS:
+        raise PermanentJobError(f"the workflow produced {count} outputs; a job may return at most "
+                                f"{MAX_OUTPUTS} (save fewer files, e.g. a smaller batch)")
 
 
 def output_name(ref: OutputRef, index: int, used: set[str]) -> str:

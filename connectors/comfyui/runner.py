@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from connectors.base import JobCancelled, JobContext, JobResult, StopReason
+from connectors.base import MAX_OUTPUTS, JobCancelled, JobContext, JobResult, StopReason
 from connectors.comfyui import errors, inputs, outputs
 from connectors.comfyui.client import ComfyClient
 from connectors.comfyui.payload import ComfyJobSpec, rename_inputs
@@ -75,7 +75,8 @@ class PromptRun:
         self.ended = asyncio.Event()  # the prompt will not run any more (done, interrupted, lost, deleted)
         self.stop_reason: StopReason | None = None
         self.node_errors: dict[str, Any] = {}
-        self.ws_outputs: list[outputs.OutputRef] = []
+        self.ws_outputs: list[outputs.OutputRef] = []  # at most MAX_OUTPUTS written to disk
+        self.ws_frames = 0  # every SaveImageWebsocket frame, kept or not
         self.texts: dict[str, str] = {}
         self.cancel_route = ""
 
@@ -182,6 +183,9 @@ class PromptRun:
                               data=snap.data, preview=frame.image, preview_type=frame.image_type)
 
     def _keep_websocket_image(self, node: str, frame: BinaryFrame) -> None:
+        self.ws_frames += 1
+        if len(self.ws_outputs) >= MAX_OUTPUTS:
+            return  # the job fails at the end (too many outputs): no more disk for frames it cannot hand over
         index = sum(1 for ref in self.ws_outputs if ref.node_id == node)
         suffix = ".jpg" if "jpeg" in frame.image_type else ".png"
         path = self.scratch / f"ws-{node}-{index:05d}{suffix}"
@@ -250,7 +254,9 @@ class PromptRun:
             if isinstance(history_outputs, Mapping):
                 found.update(history_outputs)
             cached |= errors.cached_nodes(entry)
-        refs = outputs.discover(found, cached) + self.ws_outputs
+        discovered = outputs.discover(found, cached)
+        outputs.check_count(len(discovered) + self.ws_frames)
+        refs = discovered + self.ws_outputs
         files = await self._hand_over(refs)
         self.ctx.progress(100, "done", data={"prompt_id": self.prompt_id})
         result: JobResult = {"prompt_id": self.prompt_id, "files": files}

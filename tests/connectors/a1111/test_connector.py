@@ -53,6 +53,13 @@ async def test_txt2img_batch_hands_each_image_over_without_the_grid(
     assert "data_base64" not in json.dumps(result) and len(json.dumps(result)) < 4096  # never images in the result
 
 
+async def test_more_images_than_a_job_may_hand_over_fail_naming_the_count(connector: A1111Connector) -> None:
+    ctx = FakeJobContext(make_job("a1111", small(batch_size=129, n_iter=2, steps=2)))
+    with pytest.raises(PermanentJobError, match="produced 258 images; a job may return at most 256"):
+        await run_job(connector, ctx.job, ctx)
+    assert ctx.outputs == []  # not the first 256 and then a failure
+
+
 def _infotext(seed: int) -> str:
     return (f"a red cube\nSteps: 10, Sampler: Euler, Schedule type: Automatic, CFG scale: 7, Seed: {seed}, "
             "Size: 16x16, Model hash: 6ce0161689, Model: v1-5-pruned-emaonly, Version: v1.10.1")

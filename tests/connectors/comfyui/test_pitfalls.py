@@ -15,7 +15,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from connectors.base import JobCancelled
+from connectors.base import MAX_OUTPUTS, JobCancelled
 from connectors.testing import FakeJobContext, make_job, run_job
 from tests.conftest import wait_until
 from tests.connectors.comfyui.conftest import ConnectorFactory, blur_chain, graph
@@ -301,3 +301,20 @@ async def test_pitfall_12_no_auth_so_it_sits_behind_a_proxy(fake: FakeComfyUI, c
         await connector.stop()
     assert all(path != "/" for _, path in fake.requests)
     assert token not in caplog.text and token not in str(result)
+
+
+@pytest.mark.parametrize(("saved", "streamed"), [(0, 300), (200, 100), (256, 1)])
+async def test_more_outputs_than_a_job_may_hand_over_fail_naming_the_count(
+    fake: FakeComfyUI, comfy: ConnectorFactory, saved: int, streamed: int
+) -> None:
+    workflow = websocket_graph(streamed)
+    if saved:
+        workflow["6"] = {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": saved,
+                                                                "color": 5}}
+        workflow["7"] = {"class_type": "SaveImage", "inputs": {"images": ["6", 0], "filename_prefix": "many"}}
+    connector = await comfy(fake)
+    ctx = FakeJobContext(make_job("comfyui", workflow))
+    with pytest.raises(PermanentJobError, match=f"produced {saved + streamed} outputs; a job may return at most 256"):
+        await run_job(connector, ctx.job, ctx)
+    assert ctx.outputs == []  # nothing handed over
+    assert len(list(ctx.temp_dir().iterdir())) <= MAX_OUTPUTS  # frames past the limit were not written
