@@ -111,12 +111,18 @@ async def test_two_slots_each_reach_only_their_own_comfyui(start_worker: WorkerF
         for index in (0, 1):
             gpu = Gpu(index=index, uuid=f"GPU-{index}", name="fake", memory_total_gb=24, memory_free_gb=24)
             await start_worker(f"slot{index}", connectors="comfyui", gpu=gpu)
+        holds = [first.hold("2"), second.hold("2")]  # each slot's first job waits: the other slot must take some
         jobs = [await client.submit("comfyui", graph(f"two{i}", color=i)) for i in range(6)]
+        for hold in holds:
+            await hold.wait_reached(20)  # both slots run a job at the same time
+        for hold in holds:
+            hold.release()
         done = [await wait_status(client, job_id, ("completed", "failed")) for job_id in jobs]
         assert all(j["status"] == "completed" for j in done), done
         by_worker: dict[str, set[str]] = {}
         for job_id, job in zip(jobs, done, strict=True):
             by_worker.setdefault(job["worker_id"], set()).add(job_id)
+        assert set(by_worker) == {"slot0", "slot1"}, by_worker  # both slots ran jobs
         seen: dict[str, Any] = {"slot0": first, "slot1": second}
         for worker_id, ids in by_worker.items():
             server: FakeComfyUI = seen[worker_id]
