@@ -102,6 +102,17 @@ class ComfyClient:
         entry = answer.get(prompt_id)
         return dict(entry) if isinstance(entry, Mapping) else None
 
+    async def job_status(self, prompt_id: str) -> str | None:
+        """A newer server's ``/api/jobs/{id}`` ``status`` (pending, in_progress, completed, failed, or
+        whatever else it says), None when it does not know the prompt (404). Only ``status`` is
+        read: COMFYUI.md §1.6 documents nothing else of the job object."""
+        try:
+            answer = await self.engine.get_json(f"/api/jobs/{prompt_id}", timeout=self.poll_timeout_s)
+        except PermanentJobError:  # 404 {"error": "Job not found"}
+            return None
+        status = answer.get("status") if isinstance(answer, Mapping) else None
+        return status if isinstance(status, str) else ""
+
     async def queue(self) -> QueueState:
         answer = await self.engine.get_json("/queue", timeout=self.poll_timeout_s)
         if not isinstance(answer, Mapping):

@@ -5,7 +5,9 @@
 2. Follow the prompt's messages into a :class:`PromptTracker` (progress to the worker) until
    ``executing {node: null}``. Whenever the socket drops, the prompt was submitted under an
    earlier clientId, or nothing was heard for ``STALL_S``, reconcile: /history (the prompt ended),
-   /queue (it still waits or runs), neither (ComfyUI restarted: lost, retryable). An unreachable
+   /queue (it still waits or runs), neither (ComfyUI restarted: lost, retryable); a newer server's
+   ``/api/jobs/{id}`` answers "still pending or running" in one call (only its ``status`` is
+   trusted; anything else goes the 0.3.64 way, and results always come from /history). An unreachable
    ComfyUI fails the job after ``UNREACHABLE_S``. No wait is unbounded.
 3. Read /history (asked again while empty: pitfall 2), turn a failure into its JobError, and fetch
    every output through /view into files handed to ``ctx.add_output``.
@@ -38,6 +40,7 @@ log = logging.getLogger("emp.comfyui")
 
 STOP_CONFIRM_S = 3.5  # within the worker's 5 s interrupt budget
 WEBSOCKET_OUTPUT_CLASSES = frozenset({"SaveImageWebsocket"})
+STILL_QUEUED = frozenset({"pending", "in_progress"})  # /api/jobs statuses of a prompt that has not ended
 MAX_TEXTS = 50
 MAX_TEXT_CHARS = 4000
 
@@ -214,6 +217,8 @@ class PromptRun:
                 await asyncio.sleep(min(0.5, s.poll_s))  # ComfyUI unreachable: ask again shortly
 
     async def _locate(self) -> dict[str, Any] | None:
+        if await self.client.has_jobs_api() and await self.client.job_status(self.prompt_id) in STILL_QUEUED:
+            return None  # one call where /history and /queue take two; any other answer: the 0.3.64 way
         entry = await self.client.history(self.prompt_id)
         if entry is not None:
             return entry

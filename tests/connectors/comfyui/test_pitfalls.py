@@ -318,3 +318,34 @@ async def test_more_outputs_than_a_job_may_hand_over_fail_naming_the_count(
         await run_job(connector, ctx.job, ctx)
     assert ctx.outputs == []  # nothing handed over
     assert len(list(ctx.temp_dir().iterdir())) <= MAX_OUTPUTS  # frames past the limit were not written
+
+
+async def test_reconcile_asks_the_jobs_api_when_the_server_has_it(fake: FakeComfyUI, comfy: ConnectorFactory) -> None:
+    fake.behaviour.jobs_api = True
+    connector = await comfy(fake)
+    hold = fake.hold("11")
+    job = asyncio.create_task(run_job(connector, make_job("comfyui", blur_chain("jobs-api"))))
+    await hold.wait_reached()
+    prompt = f"/api/jobs/{fake.prompts[-1].prompt_id}"
+    await fake.drop_websockets()  # followed by polling from now on
+    start = len(fake.requests)
+    await wait_until(lambda: fake.requests[start:].count(("GET", prompt)) >= 2, within_s=10)
+    polled = fake.requests[start:]
+    assert ("GET", "/queue") not in polled  # "still running" came from /api/jobs/{id} alone
+    hold.release()
+    result, _ = await asyncio.wait_for(job, 30)
+    assert [f["filename"] for f in result["files"]] == ["jobs-api_00001_.png"]  # the outputs: from /history
+
+
+async def test_without_the_jobs_api_reconcile_uses_history_and_queue(fake: FakeComfyUI,
+                                                                     comfy: ConnectorFactory) -> None:
+    connector = await comfy(fake)  # without /api/jobs (0.3.64): /history and /queue as before
+    hold = fake.hold("11")
+    job = asyncio.create_task(run_job(connector, make_job("comfyui", blur_chain("no-jobs-api"))))
+    await hold.wait_reached()
+    await fake.drop_websockets()
+    start = len(fake.requests)
+    await wait_until(lambda: ("GET", "/queue") in fake.requests[start:], within_s=10)
+    hold.release()
+    result, _ = await asyncio.wait_for(job, 30)
+    assert result["files"]
