@@ -72,7 +72,7 @@ def release(binary: Path, tmp_path: Path) -> Path:
 
 
 def _run(release: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    variables = [f"{k}={v}" for k, v in (env or {}).items()]
+    variables = [f"{k}={v}" for k, v in {**(env or {}), "TMPDIR": _unpack_dir(release)}.items()]
     return subprocess.run(["env", "-i", *variables, "./emp-worker", *args], cwd=release, capture_output=True,
                           text=True, timeout=120, check=False)
 
@@ -106,6 +106,13 @@ def test_doctor_under_env_i(release: Path, redis_url: str) -> None:
     assert "Traceback" not in done.stderr
 
 
+def _unpack_dir(release: Path) -> str:
+    """Where the bootloader unpacks (what a kill -9 leaves behind stays in the test's tmp dir)."""
+    path = release / "tmp"
+    path.mkdir(exist_ok=True)
+    return str(path)
+
+
 class Running:
     """`env -i ... ./emp-worker run` in the release directory (stderr kept in a file)."""
 
@@ -114,7 +121,7 @@ class Running:
         env = {"EMP_REDIS_URL": redis_url, "EMP_KEY_PREFIX": keys.prefix, "EMP_WORKER_ID": worker_id,
                "EMP_CONNECTORS": "simulation,hello", "EMP_HEARTBEAT_INTERVAL_S": "0.5", "EMP_LEASE_S": "2",
                "EMP_POLL_INTERVAL_S": "1", "EMP_LOG_LEVEL": "INFO", "EMP_LOG_FORMAT": "json",
-               "EMP_OUTPUT_DIR": str(release / "outputs"), **extra}
+               "EMP_OUTPUT_DIR": str(release / "outputs"), "TMPDIR": _unpack_dir(release), **extra}
         self.started = time.monotonic()
         with self.log.open("wb") as sink:
             self.proc = subprocess.Popen(["env", "-i", *(f"{k}={v}" for k, v in env.items()), "./emp-worker", "run"],

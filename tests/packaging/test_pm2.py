@@ -71,7 +71,7 @@ def pm2(tmp_path: Path, redis_url: str, keys: Keys) -> Iterator[Pm2]:
            "EMP_REDIS_URL": redis_url, "EMP_KEY_PREFIX": keys.prefix, "WORKER_ID": f"pm2-{uuid.uuid4().hex[:6]}",
            "EMP_CONNECTORS": "simulation", "EMP_HEARTBEAT_INTERVAL_S": "0.5", "EMP_LEASE_S": "2",
            "EMP_POLL_INTERVAL_S": "1", "EMP_GRACE_PERIOD_S": str(GRACE_S), "EMP_RETRY_BACKOFF_S": "0",
-           "EMP_RETRY_EXCLUSION_S": "0", "EMP_LOG_LEVEL": "INFO"}
+           "EMP_RETRY_EXCLUSION_S": "0", "EMP_LOG_LEVEL": "INFO", "TMPDIR": str(tmp_path)}
     for name in ("HUB_REDIS_URL", "EMP_GPUS", "NUM_GPUS", "EMP_WORKER_ID", "EMP_PLUGINS_DIR"):
         env.pop(name, None)
     runner = Pm2(home, env, app_dir)
