@@ -13,8 +13,9 @@ may only reach the configured engine host::
 
         async def run(self, job: Job, ctx: JobContext) -> JobResult:
             queued = await self.http.post_json("/generate", {"prompt": job.payload["prompt"]})
-            size = await self.http.download_to(f"/outputs/{queued['id']}", "/tmp/out.png")
-            return {"id": queued["id"], "bytes": size}
+            got = await self.http.download_to(f"/outputs/{queued['id']}", ctx.temp_dir() / "out.png")
+            ctx.add_output("out.png", path=ctx.temp_dir() / "out.png", content_type=got.content_type)
+            return {"id": queued["id"], "bytes": got.size}
 
         async def health(self) -> Health:
             ok, message = await self.http.probe("/health")
@@ -55,7 +56,7 @@ from contextlib import asynccontextmanager, contextmanager
 from http import HTTPStatus
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, NamedTuple
 
 import httpx
 
@@ -63,13 +64,14 @@ from worker import __version__
 from worker.errors import ConfigError, JobError, PermanentJobError, RetryableJobError
 from worker.settings import redact_url
 
-__all__ = ["HttpEngine", "StreamedResponse", "error_for_status"]
+__all__ = ["Downloaded", "HttpEngine", "StreamedResponse", "error_for_status"]
 
 DEFAULT_TIMEOUT = httpx.Timeout(30.0, connect=5.0)
 DEFAULT_MAX_RESPONSE_BYTES = 64 * 1024 * 1024
 MAX_BACKOFF_S = 5.0  # cap of the backoff between connect attempts
 ERROR_BODY_BYTES = 64 * 1024  # how much of an error answer is read to explain it
 EXCERPT_CHARS = 300
+DOWNLOAD_CHUNK_BYTES = 1024 * 1024  # one thread hop per MiB written
 
 PERMANENT_STATUSES = frozenset({400, 404, 405, 410, 413, 414, 415, 422})  # the job's input is bad
 CREDENTIAL_STATUSES = frozenset({401, 403})  # this worker's configuration is bad, not the job
@@ -195,7 +197,9 @@ def _clip(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
-def _origin(url: httpx.URL) -> tuple[str, str, int | None]:
+def origin(url: httpx.URL) -> tuple[str, str, int | None]:
+    """(scheme, host, port) of ``url``, lower-case, the default port filled in: what must match for
+    two URLs to reach the same server."""
     scheme = url.scheme.lower()
     return scheme, url.host.lower(), url.port or DEFAULT_PORTS.get(scheme)
 
@@ -210,10 +214,17 @@ def _foreign_target(base: httpx.URL, path: str) -> bool:
         return True
     if not (url.scheme or url.host or url.userinfo):
         return False  # relative: merged under the base URL
-    return bool(url.userinfo) or not url.host or _origin(url) != _origin(base)
+    return bool(url.userinfo) or not url.host or origin(url) != origin(base)
 
 
 # -- the client ---------------------------------------------------------------------------------
+
+
+class Downloaded(NamedTuple):
+    """What :meth:`HttpEngine.download_to` wrote: its size, and the answer's ``Content-Type``."""
+
+    size: int
+    content_type: str
 
 
 class StreamedResponse:
@@ -383,16 +394,17 @@ class HttpEngine:
 
     async def download_to(self, path: str, dest: str | os.PathLike[str], *, params: Params | None = None,
                           headers: Mapping[str, str] | None = None,
-                          timeout: httpx.Timeout | float | None = None) -> int:  # noqa: ASYNC109
-        """GET ``path`` into the file ``dest`` and return its size; written to ``dest.part`` and
-        renamed at the end, so a failed download leaves no file behind."""
+                          timeout: httpx.Timeout | float | None = None) -> Downloaded:  # noqa: ASYNC109
+        """GET ``path`` into the file ``dest``; returns its size and content type. Written to
+        ``dest.part`` and renamed at the end, so a failed download leaves no file behind."""
         target = Path(dest)
         partial = target.with_name(target.name + ".part")
         written = 0
         async with self.stream("GET", path, params=params, headers=headers, timeout=timeout) as streamed:
+            content_type = streamed.headers.get("Content-Type", "")
             file = await asyncio.to_thread(partial.open, "wb")
             try:
-                async for chunk in streamed.aiter_bytes():
+                async for chunk in streamed.aiter_bytes(DOWNLOAD_CHUNK_BYTES):
                     await asyncio.to_thread(file.write, chunk)
                     written += len(chunk)
             except BaseException:
@@ -401,7 +413,7 @@ class HttpEngine:
                 raise
             await asyncio.to_thread(file.close)
         os.replace(partial, target)
-        return written
+        return Downloaded(written, content_type)
 
     async def probe(self, path: str = "/", timeout: float = 5.0) -> tuple[bool, str]:  # noqa: ASYNC109
         """(True, message) when ``path`` answers 2xx, else (False, why); one attempt, never raises
@@ -466,7 +478,7 @@ class HttpEngine:
             method, path, json=json, params=params, content=content, headers=headers,
             timeout=self._timeout if timeout is None else timeout,
         )
-        if _origin(request.url) != _origin(self._base):  # the final URL, whatever the parsing above
+        if origin(request.url) != origin(self._base):  # the final URL, whatever the parsing above
             raise self._foreign(path)
         return request
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 from typing import Any, Self
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from worker.errors import ConfigError
@@ -89,11 +89,13 @@ def _check_http_url(value: str) -> str:
 
 
 class EngineSettings(ConnectorSettings):
-    """Where an HTTP engine listens, per slot: ``URL`` + ``PORT_STEP``, or ``URLS``."""
+    """Where an HTTP engine listens, per slot: ``URL`` + ``PORT_STEP``, or ``URLS``; ``AUTH`` is
+    ``user:password`` for HTTP basic auth (never logged, never shown)."""
 
     url: str = "http://127.0.0.1:8080"
     port_step: int = Field(1, ge=0, le=1000)
     urls: str = ""
+    auth: SecretStr = SecretStr("")
 
     @field_validator("url")
     @classmethod
@@ -109,3 +111,15 @@ class EngineSettings(ConnectorSettings):
 
     def url_for(self, slot: int) -> str:
         return slot_url(self.url, slot, port_step=self.port_step, urls=self.urls)
+
+    def basic_auth(self, variable: str) -> tuple[str, str] | None:
+        """``(user, password)`` from ``AUTH`` (``variable``, e.g. ``EMP_A1111_AUTH``, for the
+        message); None when unset. Checked here rather than by a validator, whose message would
+        show the value: ConfigError, never showing it, when it is not ``user:password``."""
+        value = self.auth.get_secret_value()
+        if not value:
+            return None
+        user, colon, password = value.partition(":")
+        if not colon or not user:
+            raise ConfigError(f"{variable} must be user:password; the value set is not (it is not shown)")
+        return user, password

@@ -45,7 +45,7 @@ class A1111Connector(Connector):
         super().__init__(config)
         s = self.settings
         self.url = s.url_for(config.slot_index)
-        auth = s.credentials()
+        auth = s.basic_auth("EMP_A1111_AUTH")  # the user:pass of A1111's --api-auth
         # generations: one long request; control: progress, interrupt, health, models (a pool of its own)
         self.http = api.A1111Http(self.url, name="a1111", auth=auth, connect_retries=s.connect_retries,
                                   timeout=httpx.Timeout(s.timeout_s, connect=s.connect_timeout_s),

@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from connectors.inputs import AllowedHost, fetch_input
@@ -22,13 +21,6 @@ ENDPOINTS = ("txt2img", "img2img")
 WORKER_KEYS = ("endpoint",)  # payload keys for the worker, not sent to A1111
 MAX_URL_INPUTS = 16
 MAX_SHOWN_MODELS = 10
-
-
-@dataclass(frozen=True)
-class Prepared:
-    endpoint: str
-    body: dict[str, Any]
-    checkpoint: str | None  # the title sent in override_settings
 
 
 def endpoint_of(payload: dict[str, Any]) -> str:

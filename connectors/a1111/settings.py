@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from pydantic import Field, SecretStr
+from pydantic import Field
 
 from connectors.inputs import InputSettings
 from connectors.settings import EngineSettings
-from worker.errors import ConfigError
 
 MIB = 1024 * 1024
 
@@ -17,7 +16,6 @@ class A1111Settings(EngineSettings, InputSettings):
     ``INPUT_TIMEOUT_S`` (:class:`connectors.inputs.InputSettings`) for input URLs."""
 
     url: str = "http://127.0.0.1:7860"  # --api with the UI; a --nowebui server listens on 7861
-    auth: SecretStr = SecretStr("")
     #: one generation request: A1111 answers when the whole job is done (after any queued ones)
     timeout_s: float = Field(3600.0, gt=0, le=7 * 86400)
     connect_timeout_s: float = Field(5.0, gt=0, le=300)
@@ -31,15 +29,3 @@ class A1111Settings(EngineSettings, InputSettings):
     max_input_bytes: int = Field(32 * MIB, gt=0, le=1024 * MIB)
     #: true: A1111 reloads its own checkpoint after a job that asked for another one
     restore_checkpoint: bool = False
-
-    def credentials(self) -> tuple[str, str] | None:
-        """``(user, password)`` from AUTH, None when unset; ConfigError (never showing it) when
-        it is not ``user:pass``."""
-        value = self.auth.get_secret_value()
-        if not value:
-            return None
-        user, sep, password = value.partition(":")
-        if not sep or not user:
-            raise ConfigError("EMP_A1111_AUTH must be user:pass (the pair given to A1111's --api-auth); "
-                              "the value set is not (it is not shown)")
-        return user, password

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -186,22 +185,7 @@ class ComfyClient:
 
     async def view_to(self, params: Mapping[str, str], dest: Path) -> tuple[int, str]:
         """Stream one file from /view into ``dest``; returns (size, content type header)."""
-        partial = dest.with_name(dest.name + ".part")
-        written = 0
-        async with self.engine.stream("GET", "/view", params=dict(params)) as answer:
-            content_type = answer.headers.get("Content-Type", "")
-            handle = await asyncio.to_thread(partial.open, "wb")
-            try:
-                async for chunk in answer.aiter_bytes(1024 * 1024):
-                    await asyncio.to_thread(handle.write, chunk)
-                    written += len(chunk)
-            except BaseException:
-                handle.close()
-                partial.unlink(missing_ok=True)
-                raise
-            await asyncio.to_thread(handle.close)
-        os.replace(partial, dest)
-        return written, content_type
+        return await self.engine.download_to("/view", dest, params=dict(params))
 
     # -- server facts --------------------------------------------------------------------------------
 

@@ -18,8 +18,7 @@ class ComfyUISettings(EngineSettings, InputSettings):
     ``INPUT_HOSTS`` and ``INPUT_TIMEOUT_S`` (:class:`connectors.inputs.InputSettings`) for image URLs."""
 
     url: str = "http://127.0.0.1:8188"
-    #: user:password for a ComfyUI behind a proxy with basic auth (never logged)
-    auth: SecretStr = SecretStr("")
+    #: AUTH (EngineSettings): user:password for a ComfyUI behind a proxy with basic auth
     #: bearer token for a ComfyUI behind an authenticating proxy (never logged)
     token: SecretStr = SecretStr("")
     #: verify TLS certificates of an https:// URL (false only for a self-signed test proxy)
@@ -60,16 +59,11 @@ class ComfyUISettings(EngineSettings, InputSettings):
             raise ValueError("must contain {port}, replaced by each slot's port (e.g. python main.py --port {port})")
         return value
 
-    def basic_auth(self) -> tuple[str, str] | None:
-        raw = self.auth.get_secret_value()
-        if not raw:
-            return None
-        user, colon, password = raw.partition(":")
-        if not colon or not user:  # checked here, not by pydantic, whose message would show the value
-            raise ConfigError("EMP_COMFYUI_AUTH must be user:password (the value is not shown)")
-        if self.bearer():
+    def basic_auth(self, variable: str = "EMP_COMFYUI_AUTH") -> tuple[str, str] | None:
+        pair = super().basic_auth(variable)
+        if pair and self.bearer():
             raise ConfigError("EMP_COMFYUI_AUTH and EMP_COMFYUI_TOKEN are both set: configure one of them")
-        return user, password
+        return pair
 
     def ssl_context(self) -> ssl.SSLContext:
         """The one TLS configuration of both the HTTP calls and the /ws socket: verified against

@@ -28,6 +28,8 @@ from urllib.parse import unquote, urlsplit
 
 import httpx
 
+from connectors.http import DEFAULT_PORTS, origin
+
 MAX_ENDPOINT_CHARS = 2048
 MAX_TASK_ID_CHARS = 256
 TASK_ID_PLACEHOLDER = "{task_id}"
@@ -36,7 +38,6 @@ _SEGMENT = re.compile(r"(?:[A-Za-z0-9\-._~!$&'()*+,;=:]|%[0-9A-Fa-f]{2})*")  # p
 _QUERY = re.compile(r"(?:[A-Za-z0-9\-._~!$&'()*+,;=:/?@]|%[0-9A-Fa-f]{2})*")
 _SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*:")
 _TASK_ID = re.compile(r"[A-Za-z0-9_~.\-]+")
-_DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
 class ForbiddenTarget(ValueError):
@@ -125,15 +126,10 @@ def _check_under(base: str, joined: str) -> None:
         raise ForbiddenTarget("the URL would leave the configured base URL")
 
 
-def origin(url: httpx.URL) -> tuple[str, str, int | None]:
-    scheme = url.scheme.lower()
-    return scheme, url.host.lower(), url.port or _DEFAULT_PORTS.get(scheme)
-
-
 def normalize_base(url: str) -> str:
     """The operator's base URL checked and ending in ``/``; ValueError saying what is wrong."""
     parts = urlsplit(url)
-    if parts.scheme not in _DEFAULT_PORTS or not parts.hostname:
+    if parts.scheme not in DEFAULT_PORTS or not parts.hostname:
         raise ValueError("must be an http:// or https:// URL with a host, e.g. https://api.example.com/v1")
     if "@" in parts.netloc:
         raise ValueError("must not carry credentials: give them in auth (from the environment)")

@@ -418,11 +418,11 @@ async def test_stream_raises_the_mapped_error_before_the_block(server: FakeEngin
 
 async def test_download_to_writes_the_file(server: FakeEngine, tmp_path: Path) -> None:
     data = os.urandom(500_000)
-    server.routes["/view"] = Reply(200, data, declare_length=False)
+    server.routes["/view"] = Reply(200, data, {"Content-Type": "image/png"}, declare_length=False)
     target = tmp_path / "out.png"
     async with HttpEngine(server.url, name="comfyui") as engine:
-        size = await engine.download_to("/view", target, params={"filename": "out.png"})
-    assert size == len(data)
+        size, content_type = await engine.download_to("/view", target, params={"filename": "out.png"})
+    assert size == len(data) and content_type == "image/png"
     assert target.read_bytes() == data
     assert await asyncio.to_thread(os.listdir, tmp_path) == ["out.png"]
     assert server.seen("/view")[0].path == "/view?filename=out.png"

@@ -201,7 +201,7 @@ def test_bad_auth_stops_start_up_without_showing_it() -> None:
 
 def test_auth_is_a_secret_in_the_settings() -> None:
     settings = A1111Settings(auth=SecretStr("user:pw"))
-    assert "pw" not in repr(settings) and settings.credentials() == ("user", "pw")
+    assert "pw" not in repr(settings) and settings.basic_auth("EMP_A1111_AUTH") == ("user", "pw")
 
 
 def test_a1111_is_a_builtin_connector() -> None:
