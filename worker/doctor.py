@@ -2,13 +2,13 @@
 
 One ``Check`` per line, each with a fix hint when it does not pass: the configuration (settings,
 connectors and their settings, output store), the plugins, Redis (reachable, credentials, version,
-latency, the scripts load, clock skew against Redis ``TIME``), NVML and each GPU's health, each
-configured connector's engine (a connector created for the check: ``start()``, ``health()``,
-``stop()``, each bounded; an engine the worker itself launches is not launched), and the disk
-space for the local output store.
+latency, the scripts load, clock skew against Redis ``TIME``, job ids set aside in quarantine),
+NVML and each GPU's health, each configured connector's engine (a connector created for the
+check: ``start()``, ``health()``, ``stop()``, each bounded; an engine the worker itself launches
+is not launched), and the disk space for the local output store.
 
 Every call is bounded (``REDIS_TIMEOUT_S``, ``ENGINE_TIMEOUT_S``); a check that cannot run because
-an earlier one failed is ``skip``. Verdicts (version, latency, skew, disk) are pure functions.
+an earlier one failed is ``skip``. Verdicts (version, latency, skew, quarantine, disk) are pure functions.
 """
 
 from __future__ import annotations
@@ -91,6 +91,14 @@ def skew_check(skew_s: float) -> Check:
     if abs(skew_s) >= SKEW_WARN_S:
         return Check("clock skew", "warn", detail, hint)
     return Check("clock skew", "ok", detail)
+
+
+def quarantine_check(count: int) -> Check:
+    if count <= 0:
+        return Check("quarantine", "ok", "no job id set aside")
+    return Check("quarantine", "warn", f"{count} job id(s) that no worker could read or fail are set aside "
+                 "in emp:quarantine", "emp-worker status lists them with the reason: fix or delete each job, "
+                 "then remove its id from the quarantine hash (HDEL)")
 
 
 def disk_check(directory: str, free_bytes: int | None, writable: bool) -> Check:
@@ -187,6 +195,7 @@ async def redis_checks(settings: Settings) -> list[Check]:
         seconds, micros = await _bounded(client.time())
         local = (began + time.time()) / 2
         checks.append(skew_check(local - (seconds + micros / 1e6)))
+        checks.append(await _quarantine(client, settings))
         return checks
     except Exception as exc:  # Redis went away mid-way, or refused a command
         return [Check("redis", "fail", f"{type(exc).__name__}: {str(exc)[:200]}", "check Redis and its ACL")]
@@ -208,7 +217,17 @@ def _unreachable(shown: str, exc: BaseException) -> list[Check]:
     return [Check("redis", "fail", f"cannot reach {shown}: {why}"[:400],
                   "check EMP_REDIS_URL's host and port, that Redis runs and a firewall lets this machine in "
                   "(redis-cli -u URL ping)"),
-            Check("redis auth, version, latency, scripts, clock skew", "skip", "need a reachable Redis")]
+            Check("redis auth, version, latency, scripts, clock skew, quarantine", "skip", "need a reachable Redis")]
+
+
+async def _quarantine(client: Any, settings: Settings) -> Check:
+    from worker.keys import Keys
+
+    try:
+        return quarantine_check(int(await _bounded(client.hlen(Keys(settings.key_prefix).quarantine))))
+    except Exception as exc:  # another type under that name: the scripts drop it at the next claim
+        return Check("quarantine", "warn", f"cannot read it: {type(exc).__name__}: {str(exc)[:120]}",
+                     "a worker's next claim replaces a key of the wrong type")
 
 
 async def _scripts_check(client: Any, sources: dict[str, str]) -> Check:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.worker.test_metrics import free_port
-from worker.doctor import GIB, Check, disk_check, latency_check, skew_check, version_check
+from worker.doctor import GIB, Check, disk_check, latency_check, quarantine_check, skew_check, version_check
 from worker.embedded import EmbeddedRedis
 from worker.errors import ConfigError
 
@@ -41,7 +41,8 @@ async def test_doctor_against_the_test_redis_is_one_line_per_check(redis_url: st
     lines = out.splitlines()
     assert all(LINE.match(line) for line in lines), out
     assert names(out) == ["configuration", "connectors", "output store", "plugins", "redis", "redis auth",
-                          "redis version", "redis latency", "redis scripts", "clock skew", "nvml", "gpu 0", "gpu 1",
+                          "redis version", "redis latency", "redis scripts", "clock skew", "quarantine", "nvml",
+                          "gpu 0", "gpu 1",
                           "engine simulation (slot 0)", "engine simulation (slot 1)", "output disk"]
     assert all(line.startswith("OK") for line in lines), out
     assert "12 Lua scripts load" in out and "EMP_FAKE_GPUS" in out and str(tmp_path / "out") in out
@@ -54,7 +55,7 @@ async def test_doctor_fails_with_a_hint_for_a_wrong_redis_url(tmp_path: Path) ->
     (line,) = [line for line in out.splitlines() if line.startswith("FAIL")]
     assert line.startswith("FAIL  redis: cannot reach redis://:***@127.0.0.1:")
     assert "-> check EMP_REDIS_URL's host and port" in line and "hunter2" not in out
-    assert "SKIP  redis auth, version, latency, scripts, clock skew" in out
+    assert "SKIP  redis auth, version, latency, scripts, clock skew, quarantine" in out
     assert "OK    configuration" in out and "engine simulation" in out  # the other checks still ran
 
 
@@ -119,3 +120,9 @@ def test_disk_check(free: int | None, writable: bool, status: str) -> None:
 def test_a_line_shows_the_hint_only_when_something_is_wrong() -> None:
     assert Check("x", "ok", "fine", "do y").line() == "OK    x: fine"
     assert Check("x", "fail", "broken", "do y").line() == "FAIL  x: broken -> do y"
+
+
+@pytest.mark.parametrize(("count", "status"), [(0, "ok"), (1, "warn"), (500, "warn")])
+def test_quarantine_verdict(count: int, status: str) -> None:
+    check = quarantine_check(count)
+    assert check.status == status and (status == "ok" or (f"{count} job id(s)" in check.detail and bool(check.hint)))

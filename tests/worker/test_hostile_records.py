@@ -312,7 +312,7 @@ async def test_an_unreadable_job_submitted_message_never_kills_the_listener(
     assert_alive(worker)
 
 
-async def test_status_shows_the_quarantine(raw: aioredis.Redis, keys: Keys, redis_url: str,
+async def test_status_and_doctor_show_the_quarantine(raw: aioredis.Redis, keys: Keys, redis_url: str,
                                            start_worker: WorkerFactory) -> None:
     bad = "bad\x01id"
     await put_job(raw, keys, good_fields(bad), job_id=bad)
@@ -327,3 +327,9 @@ async def test_status_shows_the_quarantine(raw: aioredis.Redis, keys: Keys, redi
     (parked,) = json.loads(out)["quarantined"]
     assert parked["job_id"] == "'bad\\x01id'" and "control or non-ASCII" in parked["reason"]
     assert parked["where"] in ("index", "claim") and parked["at"]
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "worker", "doctor",
+        env={**os.environ, "EMP_REDIS_URL": redis_url, "EMP_KEY_PREFIX": keys.prefix},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, _ = await asyncio.wait_for(proc.communicate(), 90)
+    assert "WARN  quarantine: 1 job id(s) that no worker could read or fail" in out.decode(), out.decode()
