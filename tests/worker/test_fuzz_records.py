@@ -51,6 +51,7 @@ INDEX_GARBAGE = st.lists(st.one_of(
     st.tuples(st.just("indexed"), JOB_IDS, st.none()),
     st.tuples(st.just("wrong_type_job"), JOB_IDS, st.none()),
     st.tuples(st.just("orphan_pending"), JOB_IDS, st.none()),
+    st.tuples(st.just("wrong_type_queue"), st.just(REAL_CLASS.encode()), st.none()),
 ), max_size=4)
 MESSAGES = st.lists(st.tuples(st.sampled_from(["job_submitted", "cancel_job"]),
                               st.one_of(st.binary(max_size=40), JSONISH,
@@ -71,6 +72,8 @@ async def _write_garbage(raw: aioredis.Redis, keys: Keys, garbage: list[tuple[st
         elif kind == "wrong_type_job":
             await raw.set(keys.prefix.encode() + b"job:" + a, b"x")
             await raw.zadd(keys.pending, {a: 60e15})
+        elif kind == "wrong_type_queue":
+            await raw.set(keys.class_queue(a.decode()), b"x")
         else:
             await raw.zadd(keys.pending, {a: 60e15})
 

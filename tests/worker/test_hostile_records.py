@@ -333,3 +333,16 @@ async def test_status_and_doctor_show_the_quarantine(raw: aioredis.Redis, keys: 
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     out, _ = await asyncio.wait_for(proc.communicate(), 90)
     assert "WARN  quarantine: 1 job id(s) that no worker could read or fail" in out.decode(), out.decode()
+
+
+async def test_a_class_queue_of_the_wrong_type_is_replaced(
+    raw: aioredis.Redis, client: Client, keys: Keys, start_worker: WorkerFactory,
+) -> None:
+    queued = await client.submit("simulation", {"duration_s": 0, "steps": 1})
+    class_id = (await client.get(queued))["emp_class"]
+    await raw.set(keys.class_queue(class_id), b"not a sorted set")  # the queued job's entry is gone with it
+    worker = await start_worker(poll_interval_s=0.2)
+    later = await client.submit("simulation", {"duration_s": 0, "steps": 1})  # indexing replaces the key
+    await wait_status(raw, keys, later, "completed")
+    await wait_status(raw, keys, queued, "completed")  # re-indexed by reconcile
+    assert_alive(worker)

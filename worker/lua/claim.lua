@@ -26,8 +26,14 @@ local exclude_ms = tonumber(opts['retry_exclusion_ms'])
 local now = now_ms()
 
 heal_index_keys()
-if ARGV[4] ~= '' then index_or_fail(ARGV[4], worker, retention, maxlen) end
-reconcile(tonumber(opts['reconcile_lock_ms']), retention, maxlen)
+-- indexing the hint and reconciling are optimisations of claiming, never a reason to fail it
+local indexed_ok, index_err = pcall(function()
+  if ARGV[4] ~= '' then index_or_fail(ARGV[4], worker, retention, maxlen) end
+  reconcile(tonumber(opts['reconcile_lock_ms']), retention, maxlen)
+end)
+if not indexed_ok then
+  redis.log(redis.LOG_WARNING, 'emp-worker claim: reconcile step failed: ' .. printable(index_err, 300))
+end
 
 local affinity_ms = tonumber(opts['affinity_ms'])
 local MAX_AFFINITY_MODELS = 16

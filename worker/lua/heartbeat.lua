@@ -110,7 +110,7 @@ if reaper and reaping_allowed(ms, tonumber(opts['lease_ms'])) then
   for _, id in ipairs(redis.call('ZRANGEBYSCORE', K('@LEASES@'), '-inf', ms, 'LIMIT', 0, limit)) do
     local ok, done = pcall(reap, id)
     if not ok then
-      quarantine(id, 'the reaper cannot handle it: ' .. tostring(done), 'reaper', retention)
+      quarantine(id, 'the reaper cannot handle it: ' .. printable(done, 200), 'reaper', retention)
     elseif done then
       reaped = reaped + 1
     end

@@ -115,10 +115,15 @@ local function index_job(id)
       service = j['service_required'], requirements = req, customer_id = cust }))
   end
   -- a job of a workflow is also queued by workflow, for workers restricted to one workflow
+  local function zadd(key, score, member)
+    local kind = redis.call('TYPE', key)['ok']
+    if kind ~= 'zset' and kind ~= 'none' then redis.call('DEL', key) end  -- not ours any more: replace it
+    redis.call('ZADD', key, score, member)
+  end
   local function enqueue(class, score, member)
-    redis.call('ZADD', K('@CLASS_QUEUE@' .. class), score, member)
+    zadd(K('@CLASS_QUEUE@' .. class), score, member)
     local wf = j['workflow_id']
-    if wf and wf ~= '' then redis.call('ZADD', K('@WF_QUEUE@' .. wf), score, member) end
+    if wf and wf ~= '' then zadd(K('@WF_QUEUE@' .. wf), score, member) end
     if redis.call('SADD', K('@INDEXED@'), id) == 1 then  -- claimable from now (model affinity's clock)
       redis.call('HSET', jk, 'emp_indexed_ms', tostring(now_ms()))
     end
@@ -150,9 +155,9 @@ end
 
 local function unindex_job(id, class, member)
   if class and member then
-    redis.call('ZREM', K('@CLASS_QUEUE@' .. class), member)
+    redis.pcall('ZREM', K('@CLASS_QUEUE@' .. class), member)  -- a key of another type is replaced when next indexed
     local wf = redis.pcall('HGET', K('@JOB@' .. id), 'workflow_id')
-    if type(wf) == 'string' and wf ~= '' then redis.call('ZREM', K('@WF_QUEUE@' .. wf), member) end
+    if type(wf) == 'string' and wf ~= '' then redis.pcall('ZREM', K('@WF_QUEUE@' .. wf), member) end
   end
   redis.call('SREM', K('@INDEXED@'), id)
 end

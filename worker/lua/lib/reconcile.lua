@@ -15,8 +15,8 @@ local function claimable(id)
   if redis.call('SISMEMBER', K('@INDEXED@'), id) == 0 then return false end
   local f = redis.pcall('HMGET', K('@JOB@' .. id), 'emp_class', 'emp_member')
   if f['err'] or not f[1] or not f[2] then return false end
-  return redis.call('ZSCORE', K('@CLASS_QUEUE@' .. f[1]), f[2]) ~= false
-    and redis.call('HEXISTS', K('@CLASSES@'), f[1]) == 1
+  local entry = redis.pcall('ZSCORE', K('@CLASS_QUEUE@' .. f[1]), f[2])
+  return type(entry) == 'string' and redis.call('HEXISTS', K('@CLASSES@'), f[1]) == 1
 end
 
 -- Index the next n pending ids that are not claimable; returns how many it indexed.

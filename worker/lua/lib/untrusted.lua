@@ -21,8 +21,10 @@ local function num_or(v, default)
   return n
 end
 
--- At most n (default 60) bytes of v, every byte outside printable ASCII shown as '?'.
+-- At most n (default 60) bytes of v, every byte outside printable ASCII shown as '?' (an error
+-- a redis.call raised, caught by pcall, is a table: its message is shown).
 local function printable(v, n)
+  if type(v) == 'table' and v['err'] then v = v['err'] end
   local s = string.sub(tostring(v), 1, n or 60)
   return (string.gsub(s, '[^ -~]', '?'))
 end
