@@ -37,6 +37,7 @@ import json
 import logging
 import math
 import re
+import shutil
 import tempfile
 import time
 from abc import ABC, abstractmethod
@@ -155,7 +156,7 @@ class JobContext:
         self.preview_max_bytes = preview_max_bytes
         self._report = report
         self._last_preview = -math.inf
-        self._temp_dir: tempfile.TemporaryDirectory[str] | None = None
+        self._temp_dir: Path | None = None
 
     @property
     def cancel_reason(self) -> str:
@@ -236,13 +237,13 @@ class JobContext:
         engine, handed over with ``add_output(path=...)``); the worker deletes it once the job's
         outcome is recorded."""
         if self._temp_dir is None:
-            self._temp_dir = tempfile.TemporaryDirectory(prefix="emp-job-")
-        return Path(self._temp_dir.name)
+            self._temp_dir = Path(tempfile.mkdtemp(prefix="emp-job-"))
+        return self._temp_dir
 
     def cleanup(self) -> None:
         """Delete the job's temporary directory (the worker calls this after the outcome)."""
         if self._temp_dir is not None:
-            self._temp_dir.cleanup()
+            shutil.rmtree(self._temp_dir, ignore_errors=True)
             self._temp_dir = None
 
     def cancel(self, reason: StopReason) -> None:

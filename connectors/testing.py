@@ -38,7 +38,7 @@ import tempfile
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from connectors.base import Connector, ConnectorConfig, JobCancelled, JobContext, JobResult, StopReason
 from worker.protocol import Job
@@ -68,11 +68,22 @@ def make_job(
 
 
 class FakeJobContext(JobContext):
-    """A JobContext that keeps every progress update (``updates``) instead of sending it."""
+    """A JobContext that keeps every progress update (``updates``) instead of sending it. Its
+    ``temp_dir()`` stays until ``cleanup()`` (the ``emp_job_dirs`` fixture calls it for every
+    context of a test at the test's end, so a test can still read the files a job left)."""
+
+    created: ClassVar[list[FakeJobContext]] = []
 
     def __init__(self, job: Job, *, previews: bool = False) -> None:
         self.updates: list[ProgressUpdate] = []
         super().__init__(job, self.updates.append, logging.getLogger(f"emp.test.{job.service}"), previews=previews)
+        FakeJobContext.created.append(self)
+
+
+def cleanup_job_dirs() -> None:
+    """Delete the temp_dir() of every FakeJobContext made so far (what the worker does after a job)."""
+    while FakeJobContext.created:
+        FakeJobContext.created.pop().cleanup()
 
 
 def make_connector(cls: type[C], *, worker_id: str = "test-worker", gpu_index: int | None = None,
@@ -244,3 +255,9 @@ if pytest is not None:
                                  connectors=connectors, **env)
 
         return factory
+
+    @pytest.fixture(autouse=True)
+    def emp_job_dirs() -> Iterator[None]:
+        """Deletes the temp_dir() of each FakeJobContext a test made, at the test's end."""
+        yield
+        cleanup_job_dirs()

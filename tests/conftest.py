@@ -16,7 +16,7 @@ import redis.asyncio as aioredis
 
 from connectors.base import ConnectorConfig
 from connectors.manager import Plugins
-from connectors.testing import redis_for_tests
+from connectors.testing import cleanup_job_dirs, redis_for_tests
 from worker.agent import Worker
 from worker.client import Client, connect
 from worker.hardware import Gpu
@@ -27,6 +27,14 @@ from worker.settings import Settings, load_settings
 # A third-party plugin package with tests of its own: installed and run by
 # tests/connectors/test_third_party_plugin.py, never imported from here.
 collect_ignore = ["plugins"]
+
+
+@pytest.fixture(autouse=True)
+def job_dirs() -> Iterator[None]:
+    """Each job directory a test's FakeJobContexts made is deleted at its end (the worker does it
+    after each job; a test may still read the files)."""
+    yield
+    cleanup_job_dirs()
 
 
 @pytest.fixture(autouse=True)

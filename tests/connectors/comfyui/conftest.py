@@ -4,13 +4,11 @@ pointed at it with short, test-sized patience settings."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
 
-from connectors.base import JobContext
 from connectors.comfyui import ComfyUIConnector
 from connectors.testing import make_connector
 from tests.fakes.comfyui import FakeComfyUI
@@ -41,23 +39,6 @@ def blur_chain(prefix: str = "long", color: int = 274513) -> dict[str, Any]:
         "12": {"class_type": "ImageBlur", "inputs": {"image": ["11", 0], "blur_radius": 3, "sigma": 1.0}},
         "99": {"class_type": "SaveImage", "inputs": {"images": ["12", 0], "filename_prefix": prefix}},
     }
-
-
-@pytest.fixture(autouse=True)
-def _job_dirs_cleaned(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """What the worker does once a job's outcome is recorded: delete its temp_dir() (here at the
-    test's end, so a test can still read the files; left to the garbage collector it would warn)."""
-    contexts: list[JobContext] = []
-    original = JobContext.temp_dir
-
-    def temp_dir(self: JobContext) -> Path:
-        contexts.append(self)
-        return original(self)
-
-    monkeypatch.setattr(JobContext, "temp_dir", temp_dir)
-    yield
-    for ctx in contexts:
-        ctx.cleanup()
 
 
 @pytest.fixture
