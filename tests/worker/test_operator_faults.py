@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import WorkerFactory, wait_until
+from tests.procs import WorkerProcess
 from worker.client import Client
 from worker.embedded import EmbeddedRedis
 from worker.errors import ConfigError
@@ -111,3 +113,23 @@ async def test_flags_read_as_flags_in_help() -> None:
     assert code == 0 and "<bool>" not in out
     follow = next(line for line in out.splitlines() if "--follow" in line)
     assert "-f, --follow " in follow
+
+
+async def test_a_lone_worker_restarted_under_the_same_id_takes_its_crashed_job_at_once(
+    redis_url: str, keys: Keys, client: Client,
+) -> None:
+    """PM2 restarts a killed worker under its id; no other worker exists. The job its first life
+    held is kept from it for EMP_RETRY_EXCLUSION_S only while another worker is free to take it."""
+    env = {"EMP_RETRY_EXCLUSION_S": "120"}
+    job_id = await client.submit("simulation", {"duration_s": 3, "steps": 30})
+    async with WorkerProcess(redis_url, keys.prefix, "lone", **env) as first:
+        await wait_until(lambda: _status(client, job_id, "in_progress"), within_s=20)
+        first.signal(signal.SIGKILL)
+        await first.wait()
+    loop = asyncio.get_running_loop()
+    restarted = loop.time()
+    async with WorkerProcess(redis_url, keys.prefix, "lone", **env) as second:
+        await wait_until(lambda: _status(client, job_id, "completed"), within_s=60)
+        assert loop.time() - restarted < 60, second.output()  # well inside the 120 s exclusion
+    job = await client.get(job_id)
+    assert job["attempt"] == "2" and job["worker_id"] == "lone"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -28,8 +29,22 @@ async def test_retry_keeps_its_place_and_avoids_the_worker_that_failed_it(
     other = await queue.claim("w2", CAPS)  # the retried job is older than `newer`: it goes first
     assert other is not None and other.job_id == first
     await queue.hand_back(first, "w2", other.attempt, "test")
-    mine = await queue.claim("w1", CAPS)  # w1 failed `first` moments ago: it gets `newer`
+    await queue.heartbeat("w2", "idle", {"emp_caps": json.dumps(CAPS)}, 5, {})  # w2: live, idle, capable
+    mine = await queue.claim("w1", CAPS)  # w1 failed `first` moments ago and w2 is free: w1 gets `newer`
     assert mine is not None and mine.job_id == newer
+
+
+async def test_the_worker_that_failed_a_job_takes_it_again_when_no_other_is_free(
+    client: Client, redis: aioredis.Redis, keys: Keys
+) -> None:
+    queue = Queue(redis, keys, QueueConfig(retry_exclusion_ms=60_000))
+    job_id = await client.submit("simulation", {})
+    claimed = await queue.claim("w1", CAPS)
+    assert claimed is not None
+    assert await queue.fail(job_id, "w1", claimed.attempt, "engine crashed", retryable=True, backoff_ms=0) == "retry"
+    await queue.heartbeat("w2", "busy", {"emp_caps": json.dumps(CAPS)}, 5, {})  # the only other one is busy
+    again = await queue.claim("w1", CAPS)
+    assert again is not None and again.job_id == job_id  # a preference, not a wait of 60 s
 
 
 async def test_backoff_holds_a_retry_until_it_is_due(client: Client, redis: aioredis.Redis, keys: Keys) -> None:

@@ -93,9 +93,35 @@ local function idle_holder_elsewhere(models, meta)
   return false
 end
 
+-- Is another live, idle worker that runs `service` around to take a job this worker is kept from
+-- (it failed it moments ago)? The exclusion is a preference: with nobody else free, the worker
+-- that failed a job takes it again at once (a lone worker restarted by its supervisor must not
+-- wait out EMP_RETRY_EXCLUSION_S for its own crashed job). A sample of workers:active, once per
+-- service per claim.
+local other_free = {}
+local function another_free(service)
+  if other_free[service] ~= nil then return other_free[service] end
+  local found = false
+  local ok, sample = pcall(redis.call, 'SRANDMEMBER', K('@WORKERS_ACTIVE@'), 32)
+  for _, w in ipairs(ok and sample or {}) do
+    if w ~= worker and redis.call('EXISTS', K('@WORKER@' .. w .. '@HEARTBEAT_SUFFIX@')) == 1 then
+      local f = redis.pcall('HMGET', K('@WORKER@' .. w), 'status', 'emp_caps')
+      local wcaps = not f['err'] and f[1] == 'idle' and decode(f[2]) or nil
+      if type(wcaps) == 'table' and type(wcaps['services']) == 'table' then
+        for _, offered in ipairs(wcaps['services']) do
+          if offered == service then found = true end
+        end
+      end
+    end
+    if found then break end
+  end
+  other_free[service] = found
+  return found
+end
+
 -- Check one queued entry: drop it when stale or not this job's own; nil when this worker must
 -- leave it alone.
-local function usable(id, queue, class, member)
+local function usable(id, queue, class, member, service)
   local jk = K('@JOB@' .. id)
   local kind = redis.call('TYPE', jk)['ok']
   if kind ~= 'hash' and kind ~= 'none' then
@@ -111,8 +137,8 @@ local function usable(id, queue, class, member)
     if f[6] == member then unindex_job(id, class, member) end
     return nil
   end
-  if f[1] == worker and now - num_or(f[2], 0) < exclude_ms then
-    return nil  -- this worker failed it moments ago: leave it to another worker for a while
+  if f[1] == worker and now - num_or(f[2], 0) < exclude_ms and another_free(service) then
+    return nil  -- this worker failed it moments ago: leave it to the free worker for a while
   end
   return num_or(f[4], 0)
 end
@@ -177,7 +203,7 @@ local function look_at_workflow()
     if not meta then
       redis.call('ZREM', wq, member)  -- its job is gone, or the entry is garbage
     elseif not seen_class[class] then
-      local indexed = usable(id, wq, class, member)  -- drops it when stale
+      local indexed = usable(id, wq, class, member, meta['service'])  -- drops it when stale
       if indexed then
         meta['workflow_id'] = only_workflow
         if matches(caps, meta) then consider(class, member, score, meta, indexed) end
@@ -198,7 +224,7 @@ local function look_at_class(class, raw)
     for h = 1, #heads, 2 do
       local member, score = heads[h], tonumber(heads[h + 1])
       local id = id_of(member)
-      local indexed = id and usable(id, qk, class, member)
+      local indexed = id and usable(id, qk, class, member, meta['service'])
       if not id then redis.call('ZREM', qk, member) end  -- not an entry of ours
       if indexed then
         consider(class, member, score, meta, indexed)
