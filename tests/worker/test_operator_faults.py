@@ -120,15 +120,14 @@ async def test_a_lone_worker_restarted_under_the_same_id_takes_its_crashed_job_a
 ) -> None:
     """PM2 restarts a killed worker under its id; no other worker exists. The job its first life
     held is kept from it for EMP_RETRY_EXCLUSION_S only while another worker is free to take it."""
-    env = {"EMP_RETRY_EXCLUSION_S": "120"}
     job_id = await client.submit("simulation", {"duration_s": 3, "steps": 30})
-    async with WorkerProcess(redis_url, keys.prefix, "lone", **env) as first:
+    async with WorkerProcess(redis_url, keys.prefix, "lone", EMP_RETRY_EXCLUSION_S="120") as first:
         await wait_until(lambda: _status(client, job_id, "in_progress"), within_s=20)
         first.signal(signal.SIGKILL)
         await first.wait()
     loop = asyncio.get_running_loop()
     restarted = loop.time()
-    async with WorkerProcess(redis_url, keys.prefix, "lone", **env) as second:
+    async with WorkerProcess(redis_url, keys.prefix, "lone", EMP_RETRY_EXCLUSION_S="120") as second:
         await wait_until(lambda: _status(client, job_id, "completed"), within_s=60)
         assert loop.time() - restarted < 60, second.output()  # well inside the 120 s exclusion
     job = await client.get(job_id)
