@@ -19,6 +19,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import redis.asyncio as aioredis
 
@@ -107,27 +108,32 @@ async def polling_baseline(url: str, keys: Keys, jobs: int, idle_s: float) -> tu
     return latencies, rate
 
 
+async def measure(url: str, jobs: int, idle_s: float) -> dict[str, Any]:
+    """Pickup latencies (ms) and idle cmd/s of the worker, the 1 s polling baseline and PING RTT."""
+    client = Client(connect(url), Keys("bench:"))
+    rtt = await ping_rtt(client.redis)
+    base_lat, base_idle = await polling_baseline(url, Keys("baseline:"), max(10, jobs // 30), idle_s)
+    env = {**os.environ, "EMP_REDIS_URL": url, "EMP_KEY_PREFIX": "bench:",
+           "EMP_LOG_LEVEL": "WARNING", "EMP_CONNECTORS": "simulation", "EMP_WORKER_ID": "bench-worker"}
+    exe = Path(sys.executable).with_name("emp-worker")
+    proc = await asyncio.create_subprocess_exec(str(exe), "run", env=env)
+    try:
+        while not await client.redis.exists(client.keys.heartbeat("bench-worker")):
+            await asyncio.sleep(0.05)  # polling another process's registration
+        await pickups(client, 20)  # warm-up
+        lat = await pickups(client, jobs)
+        rate = await idle_rate(client.redis, idle_s)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(proc.wait(), 30)
+    await client.redis.aclose()
+    return {"rtt": rtt, "base_lat": base_lat, "base_idle": base_idle, "lat": lat, "idle": rate}
+
+
 async def main(jobs: int, idle_s: float) -> None:
     with EmbeddedRedis() as server:
-        client = Client(connect(server.url), Keys("bench:"))
-        rtt = await ping_rtt(client.redis)
-        base_lat, base_idle = await polling_baseline(server.url, Keys("baseline:"), max(10, jobs // 30), idle_s)
-
-        env = {**os.environ, "EMP_REDIS_URL": server.url, "EMP_KEY_PREFIX": "bench:",
-               "EMP_LOG_LEVEL": "WARNING", "EMP_CONNECTORS": "simulation", "EMP_WORKER_ID": "bench-worker"}
-        exe = Path(sys.executable).with_name("emp-worker")
-        proc = await asyncio.create_subprocess_exec(str(exe), "run", env=env)
-        try:
-            while not await client.redis.exists(client.keys.heartbeat("bench-worker")):
-                await asyncio.sleep(0.05)  # polling another process's registration
-            await pickups(client, 20)  # warm-up
-            lat = await pickups(client, jobs)
-            rate = await idle_rate(client.redis, idle_s)
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            await asyncio.wait_for(proc.wait(), 30)
-        await client.redis.aclose()
-
+        got = await measure(server.url, jobs, idle_s)
+    rtt, base_lat, base_idle, lat, rate = got["rtt"], got["base_lat"], got["base_idle"], got["lat"], got["idle"]
     print(f"redis PING round trip     p50 {pct(rtt, .5):7.3f} ms  p99 {pct(rtt, .99):7.3f} ms")
     print(f"1 s polling (baseline)    p50 {pct(base_lat, .5):7.1f} ms  p99 {pct(base_lat, .99):7.1f} ms"
           f"  idle {base_idle:.2f} cmd/s")
