@@ -533,6 +533,7 @@ class Worker:
         """One claim when a place is free, then the wait until the next one."""
         poll = self.settings.poll_interval_s
         if not self._slots_free() or not self.ads.services(with_room=True):
+            await self._idle_if_done()
             await wait_for_event(self.wake, poll)
             return
         hint = self.hints.popleft() if self.hints else ""
@@ -543,16 +544,26 @@ class Worker:
                 self.metrics.claim_took(time.perf_counter() - began)
             backoff.reset()
         except RedisUnavailable as exc:
+            await self._idle_if_done()
             delay = backoff.next_delay()
             log.warning("claim failed: %s (next try in %.1fs)", exc, delay)
             await wait_for_event(self.stopping, delay)
             return
         if isinstance(claimed, Claimed):
             self._start(claimed)
-        elif isinstance(claimed, Deferred):  # left to a worker with its models loaded: look again
+            return
+        await self._idle_if_done()
+        if isinstance(claimed, Deferred):  # left to a worker with its models loaded: look again
             await wait_for_event(self.wake, min(poll, claimed.retry_in_ms / 1000 + 0.01))
         elif not self.hints:
             await wait_for_event(self.wake, poll * random.uniform(0.8, 1.2))
+
+    async def _idle_if_done(self) -> None:
+        """BUSY -> IDLE once a claim finds nothing to start and no job runs: back-to-back jobs keep
+        the slot BUSY, so worker_status (and the machine status) change on real transitions only,
+        not twice per job."""
+        if not self.running and self.state is WorkerState.BUSY:
+            await self._set_state(WorkerState.IDLE)
 
     def _start(self, claimed: Claimed) -> None:
         self.claims += 1
@@ -592,6 +603,4 @@ class Worker:
                 self.metrics.finished(running.service, outcome, took)
             if self.plugins is not None:
                 self.plugins.job_finished(claimed.job_id, running.service, outcome, took)
-            if not self.running and self.state is WorkerState.BUSY:
-                await self._set_state(WorkerState.IDLE)
-            self.wake.set()
+            self.wake.set()  # the claim loop claims again, or goes IDLE if nothing is left (_idle_if_done)

@@ -93,7 +93,8 @@ class Executor:
         if engine is None or job.service not in engine.services:
             return await self._fail(job_id, attempt, f"no connector here runs {job.service!r}",
                                     retryable=True, retries=job.retry_count)
-        log.info("job %s claimed (attempt %d, service %s)", job_id, attempt, job.service)
+        # DEBUG: the one INFO line a job gets is its outcome's (completed / failed / handed back)
+        log.debug("job %s claimed (attempt %d, service %s)", job_id, attempt, job.service)
         result, error = await self._run_with_progress(engine, job, running)
         try:
             await self._on_finished()
