@@ -12,9 +12,10 @@ import signal
 import subprocess
 import sys
 import time
+from typing import Any
 
 from bench.claimers import run_claimers
-from bench.common import WORKER_EXE, Figure, bare_fill, submit_many, wait_for
+from bench.common import WORKER_EXE, Figure, bare_fill, info, submit_many, wait_for
 from worker.client import Client, connect
 from worker.embedded import EmbeddedRedis
 from worker.keys import Keys
@@ -62,15 +63,23 @@ def stop_workers(procs: list[subprocess.Popen[bytes]]) -> None:
             proc.wait(5)
 
 
-async def drain_rate(url: str, prefix: str, jobs: int, workers: int, variant: Variant = Variant()) -> float:
-    """jobs/s from the first claim (server time) to the last completed record."""
+@dataclasses.dataclass(frozen=True)
+class Drained:
+    rate: float  # jobs/s from the first claim (server time) to the last completed record
+    calls_per_job: float  # Redis commands per job (INFO commandstats, those inside scripts too)
+    redis_cpu_us_per_job: float  # Redis CPU (INFO cpu) per job
+
+
+async def drain_rate(url: str, prefix: str, jobs: int, workers: int, variant: Variant = Variant()) -> Drained:
     client = Client(connect(url), Keys(prefix))
     ids = await submit_many(client, jobs)
+    before = await info(client.redis)
     procs = start_workers(url, prefix, workers, variant)
     try:
         completed = client.keys.completed
         await wait_for(lambda: _count_is(client, completed, jobs), 300, f"{jobs} completed", interval=0.005)
         ended = time.time()
+        after = await info(client.redis)
     finally:
         stop_workers(procs)
     async with client.redis.pipeline(transaction=False) as pipe:
@@ -78,11 +87,19 @@ async def drain_rate(url: str, prefix: str, jobs: int, workers: int, variant: Va
             pipe.hget(client.keys.job(job_id), "emp_claimed_us")
         claimed = [int(v) for v in await pipe.execute() if v]
     await client.redis.aclose()
-    return jobs / (ended - min(claimed) / 1e6)
+    return Drained(jobs / (ended - min(claimed) / 1e6), (after["calls"] - before["calls"]) / jobs,
+                   (after["cpu_s"] - before["cpu_s"]) / jobs * 1e6)
 
 
 async def _count_is(client: Client, key: str, jobs: int) -> bool:
     return int(await client.redis.hlen(key)) >= jobs
+
+
+async def _info(url: str) -> dict[str, Any]:
+    redis = connect(url)
+    got = await info(redis)
+    await redis.aclose()
+    return got
 
 
 async def _fill_bare(url: str, prefix: str, jobs: int) -> None:
@@ -95,10 +112,18 @@ def run(url: str, jobs: int, levels: tuple[int, ...] = (1, 4), tag: str = "") ->
     figures = []
     for n in levels:
         asyncio.run(_fill_bare(url, f"dbare{n}{tag}:", jobs))
+        before = asyncio.run(_info(url))
         _, bare = run_claimers(url, f"dbare{n}{tag}:", "bare_cc", n)
+        after = asyncio.run(_info(url))
+        bare_calls = (after["calls"] - before["calls"]) / jobs
+        bare_cpu = (after["cpu_s"] - before["cpu_s"]) / jobs * 1e6
         real = asyncio.run(drain_rate(url, f"drain{n}{tag}:", jobs, n))
-        figures.append(Figure("drain", f"drain, {n} worker process(es)", real, "jobs/s", bare,
+        figures.append(Figure("drain", f"drain, {n} worker process(es)", real.rate, "jobs/s", bare,
                               "bare claim+complete", note=f"{jobs} jobs"))
+        figures.append(Figure("drain", f"Redis commands per job, {n} worker(s)", real.calls_per_job, "cmd/job",
+                              bare_calls, "bare claim+complete"))
+        figures.append(Figure("drain", f"Redis CPU per job, {n} worker(s)", real.redis_cpu_us_per_job, "us/job",
+                              bare_cpu, "bare claim+complete"))
     return figures
 
 
@@ -111,7 +136,7 @@ def compare(url: str, jobs: int, levels: tuple[int, ...], variants: list[Variant
             _, bare = run_claimers(url, f"cbare{n}-{r}:", "bare_cc", n)
             best[("bare", n)] = max(best.get(("bare", n), 0.0), bare)
             for v, variant in enumerate(variants):
-                rate = asyncio.run(drain_rate(url, f"cmp{v}-{n}-{r}:", jobs, n, variant))
+                rate = asyncio.run(drain_rate(url, f"cmp{v}-{n}-{r}:", jobs, n, variant)).rate
                 best[(variant.label, n)] = max(best.get((variant.label, n), 0.0), rate)
     return [Figure("drain", f"{variant.label}, {n} worker process(es)", best[(variant.label, n)], "jobs/s",
                    best[("bare", n)], "bare claim+complete", note=f"{jobs} jobs, best of {rounds}")
