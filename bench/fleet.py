@@ -25,6 +25,7 @@ from worker.keys import Keys
 from worker.settings import load_settings
 
 PROCESSES = 4
+TRICKLE_JOBS, TRICKLE_PER_S = 20, 5.0  # single jobs to the idle fleet, paced
 # (share of jobs, service, requirements, matchable): slots are half 24 GB, half 48 GB
 MIX: tuple[tuple[int, str, dict[str, Any], bool], ...] = (
     (6, "simulation", {}, True),
@@ -129,8 +130,8 @@ async def _drain(url: str, prefix: str, jobs: int, ctx: Any, children: list[Any]
     elapsed = ended - started
     # claims run from the first slot's start: the rate is over the whole window, start-up included
     idle_before = await info(client.redis)
-    trickle_jobs = max(10, min(100, jobs // 100))
-    waits = await _trickle(client, trickle_jobs, 20.0, matchable)
+    trickle_jobs = TRICKLE_JOBS
+    waits = await _trickle(client, trickle_jobs, TRICKLE_PER_S, matchable)
     idle_after = await info(client.redis)
     await client.redis.aclose()
     return {"matchable": matchable, "elapsed": elapsed, "slots_up": slots_up,
@@ -163,7 +164,7 @@ def run(url: str, slots: int, jobs: int, prefix: str = "fleet:") -> list[Figure]
         Figure("fleet", "Redis CPU while draining", got["cpu"] * 100, "% of a core"),
         Figure("fleet", "Redis commands per claimed job (draining)", got["calls_per_job"], "cmd/job"),
         Figure("fleet", "Redis commands per job submitted to the idle fleet", got["idle_calls_per_job"], "cmd/job",
-               note=f"{len(got['waits'])} jobs at 20/s"),
+               note=f"{len(got['waits'])} jobs at {TRICKLE_PER_S:g}/s"),
         Figure("fleet", "longest wait of a matchable job (idle fleet)", max(got["waits"]), "ms",
                pct(got["waits"], .5), "p50 wait"),
     ]
