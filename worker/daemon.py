@@ -142,16 +142,25 @@ def slot_worker(settings: Settings, client: aioredis.Redis, plugins: Plugins, ha
                   host=hardware.host())
 
 
+CHECK_TRIES = 3
+CHECK_PAUSE_S = 0.3
+
+
 async def check_credentials(client: aioredis.Redis) -> None:
     """Stop start-up with one line when Redis refuses our credentials or our TLS set-up; an
     unreachable Redis is an outage the slots ride out (they retry, and check again when it answers)."""
-    try:
-        await client.ping()  # type: ignore[misc]  # redis-py types it with the sync client's union
-    except (RedisError, RedisClusterException, OSError) as exc:
-        refusal = refused(exc)
-        if refusal is not None:
-            raise refusal from None
-        log.warning("Redis does not answer yet (%s); the worker keeps trying", type(exc).__name__)
+    for attempt in range(CHECK_TRIES):
+        try:
+            await client.ping()  # type: ignore[misc]  # redis-py types it with the sync client's union
+            return
+        except (RedisError, RedisClusterException, OSError) as exc:
+            refusal = refused(exc)
+            if refusal is not None:
+                raise refusal from None
+            if attempt == CHECK_TRIES - 1:
+                log.warning("Redis does not answer yet (%s); the worker keeps trying", type(exc).__name__)
+            else:  # a TLS refusal can read as a dropped connection when its alert loses the race
+                await asyncio.sleep(CHECK_PAUSE_S)
 
 
 async def _run(settings: Settings, embedded: bool, hardware: Hardware, slots: list[Slot],

@@ -17,6 +17,7 @@ import pytest
 import redis.asyncio as aioredis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from redis.exceptions import ResponseError
 
 from tests.conftest import fast_settings, wait_until
 from worker.agent import Worker
@@ -61,21 +62,28 @@ MESSAGES = st.lists(st.tuples(st.sampled_from(["job_submitted", "cancel_job"]),
 
 async def _write_garbage(raw: aioredis.Redis, keys: Keys, garbage: list[tuple[str, bytes, Any]]) -> None:
     for kind, a, b in garbage:
-        if kind == "classes":
-            await raw.hset(keys.classes, mapping={a: b})
-        elif kind == "queue":
-            await raw.zadd(keys.class_queue(a.decode("latin-1")).encode("latin-1"), {b: -1e6})
-        elif kind == "seq":
-            await raw.set(keys.seq, a)
-        elif kind == "indexed":
-            await raw.sadd(keys.indexed, a)
-        elif kind == "wrong_type_job":
-            await raw.set(keys.prefix.encode() + b"job:" + a, b"x")
-            await raw.zadd(keys.pending, {a: 60e15})
-        elif kind == "wrong_type_queue":
-            await raw.set(keys.class_queue(a.decode()), b"x")
-        else:
-            await raw.zadd(keys.pending, {a: 60e15})
+        try:
+            await _write_one(raw, keys, kind, a, b)
+        except ResponseError:  # e.g. a ZADD to a key an earlier entry made a string: Redis refused it
+            continue
+
+
+async def _write_one(raw: aioredis.Redis, keys: Keys, kind: str, a: bytes, b: Any) -> None:
+    if kind == "classes":
+        await raw.hset(keys.classes, mapping={a: b})
+    elif kind == "queue":
+        await raw.zadd(keys.class_queue(a.decode("latin-1")).encode("latin-1"), {b: -1e6})
+    elif kind == "seq":
+        await raw.set(keys.seq, a)
+    elif kind == "indexed":
+        await raw.sadd(keys.indexed, a)
+    elif kind == "wrong_type_job":
+        await raw.set(keys.prefix.encode() + b"job:" + a, b"x")
+        await raw.zadd(keys.pending, {a: 60e15})
+    elif kind == "wrong_type_queue":
+        await raw.set(keys.class_queue(a.decode()), b"x")
+    else:
+        await raw.zadd(keys.pending, {a: 60e15})
 
 
 async def _resolved(raw: aioredis.Redis, keys: Keys, job_id: bytes, fields: dict[bytes, bytes]) -> bool:
