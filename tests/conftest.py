@@ -19,6 +19,8 @@ from connectors.manager import Plugins
 from connectors.testing import cleanup_job_dirs, redis_for_tests
 from worker.agent import Worker
 from worker.client import Client, connect
+from worker.embedded import EmbeddedRedis
+from worker.errors import ConfigError
 from worker.hardware import Gpu
 from worker.keys import Keys
 from worker.queue import Queue
@@ -43,6 +45,17 @@ def output_dir(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.Mon
     path = tmp_path_factory.mktemp("outputs")
     monkeypatch.setenv("EMP_OUTPUT_DIR", str(path))
     return path
+
+
+@pytest.fixture(scope="module")
+def protected_redis() -> Iterator[int]:
+    """The port of a redis-server of the test module's own that wants the password right-secret."""
+    try:
+        server = EmbeddedRedis(extra_args=["--requirepass", "right-secret"])
+    except ConfigError as exc:
+        pytest.skip(f"no redis-server to start: {exc}")
+    with server:
+        yield server.port
 
 
 @pytest.fixture(scope="session")

@@ -7,17 +7,11 @@ import os
 import sys
 
 from tests.conftest import WorkerFactory
+from tests.procs import run_cli
 from worker import __version__
 from worker.keys import Keys
 
-
-async def _cli(*args: str, **env: str) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "worker", *args, env={**os.environ, **env},
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    out, err = await asyncio.wait_for(proc.communicate(), 60)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
+_cli = run_cli
 
 
 async def test_version() -> None:
@@ -41,14 +35,15 @@ async def test_submit_follow_exits_0_on_completion_and_1_on_failure(
     redis_url: str, keys: Keys, start_worker: WorkerFactory
 ) -> None:
     await start_worker()
-    env = {"EMP_REDIS_URL": redis_url, "EMP_KEY_PREFIX": keys.prefix}
     code, out, _ = await _cli("submit", "--service", "simulation", "--payload",
-                              '{"duration_s": 0.05, "steps": 3}', "--priority", "80", "--follow", **env)
+                              '{"duration_s": 0.05, "steps": 3}', "--priority", "80", "--follow",
+                              EMP_REDIS_URL=redis_url, EMP_KEY_PREFIX=keys.prefix)
     assert code == 0 and "completed" in out
     code, out, _ = await _cli("submit", "--service", "simulation", "--payload", '{"fail": "permanent"}',
-                              "--follow", **env)
+                              "--follow", EMP_REDIS_URL=redis_url, EMP_KEY_PREFIX=keys.prefix)
     assert code == 1 and "failed" in out and "simulated permanent failure" in out
-    code, _, err = await _cli("submit", "--service", "simulation", "--payload", "{bad", **env)
+    code, _, err = await _cli("submit", "--service", "simulation", "--payload", "{bad", EMP_REDIS_URL=redis_url,
+                              EMP_KEY_PREFIX=keys.prefix)
     assert code == 1 and "--payload is not valid JSON" in err
 
 

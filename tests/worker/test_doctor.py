@@ -7,15 +7,12 @@ import json
 import os
 import re
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.worker.test_metrics import free_port
 from worker.doctor import GIB, Check, disk_check, latency_check, quarantine_check, skew_check, version_check
-from worker.embedded import EmbeddedRedis
-from worker.errors import ConfigError
 
 LINE = re.compile(r"^(OK|WARN|FAIL|SKIP)  +[^:]+: .+$")
 
@@ -57,16 +54,6 @@ async def test_doctor_fails_with_a_hint_for_a_wrong_redis_url(tmp_path: Path) ->
     assert "-> check EMP_REDIS_URL's host and port" in line and "hunter2" not in out
     assert "SKIP  redis auth, version, latency, scripts, clock skew, quarantine" in out
     assert "OK    configuration" in out and "engine simulation" in out  # the other checks still ran
-
-
-@pytest.fixture(scope="module")
-def protected_redis() -> Iterator[int]:
-    try:
-        server = EmbeddedRedis(extra_args=["--requirepass", "right-secret"])
-    except ConfigError as exc:
-        pytest.skip(f"no redis-server to start: {exc}")
-    with server:
-        yield server.port
 
 
 async def test_doctor_tells_refused_credentials_from_an_unreachable_redis(protected_redis: int,

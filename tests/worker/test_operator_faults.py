@@ -4,46 +4,25 @@ a hang or a silently wrong result."""
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import WorkerFactory, wait_until
-from tests.procs import WorkerProcess
+from tests.procs import WorkerProcess, run_cli
 from worker.client import Client
-from worker.embedded import EmbeddedRedis
-from worker.errors import ConfigError
 from worker.keys import Keys
 
 
 async def _cli(*args: str, cwd: Path | None = None, within_s: float = 60, **env: str) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "worker", *args, env={**os.environ, "EMP_LOG_FORMAT": "text", **env},
-        cwd=cwd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    out, err = await asyncio.wait_for(proc.communicate(), within_s)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
+    return await run_cli(*args, cwd=cwd, within_s=within_s, **{"EMP_LOG_FORMAT": "text", **env})
 
 
 def _one_line(err: str) -> str:
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1, err
     return lines[0]
-
-
-@pytest.fixture(scope="module")
-def protected_redis() -> Iterator[int]:
-    """A redis-server of our own that wants a password."""
-    try:
-        server = EmbeddedRedis(extra_args=["--requirepass", "right-secret"])
-    except ConfigError as exc:
-        pytest.skip(f"no redis-server to start: {exc}")
-    with server:
-        yield server.port
 
 
 @pytest.mark.parametrize("url", ["redis://:wrong-secret@127.0.0.1:{port}/0", "redis://127.0.0.1:{port}/0",
