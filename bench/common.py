@@ -79,8 +79,9 @@ def cpu_model() -> str:
 
 
 def machine(redis_version: str) -> dict[str, str]:
-    return {"CPUs": f"{os.cpu_count()} x {cpu_model()}", "Python": platform.python_version(),
-            "Redis": redis_version, "OS": platform.platform(),
+    load = ", ".join(f"{v:.2f}" for v in os.getloadavg())
+    return {"CPUs": f"{os.cpu_count()} x {cpu_model()}", "load average at start (1/5/15 min)": load,
+            "Python": platform.python_version(), "Redis": redis_version, "OS": platform.platform(),
             "reply parser": "hiredis" if hiredis_available() else "redis-py pure Python"}
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import multiprocessing
 import time
 from multiprocessing.synchronize import Event
@@ -35,7 +36,22 @@ MIX: tuple[tuple[int, str, dict[str, Any], bool], ...] = (
 )
 
 
-async def _slots(url: str, prefix: str, index: int, count: int, stop: Event, ready: Any) -> list[float]:
+class _Counter(logging.Handler):
+    """Counts the slots' warnings (instead of printing them); lease losses apart."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.warnings = self.leases_lost = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.warnings += 1
+        self.leases_lost += str(record.msg).startswith("job %s is no longer held")
+
+
+async def _slots(url: str, prefix: str, index: int, count: int, stop: Event,
+                 ready: Any) -> tuple[list[float], int, int]:
+    counter = _Counter()
+    logging.getLogger().addHandler(counter)
     settings = load_settings(redis_url=url, key_prefix=prefix, connectors="simulation",
                              machine_id=f"fleet-{index}")
     client = connect(url)
@@ -62,7 +78,7 @@ async def _slots(url: str, prefix: str, index: int, count: int, stop: Event, rea
     with contextlib.suppress(Exception):
         await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 60)
     await client.aclose()
-    return samples
+    return samples, counter.warnings, counter.leases_lost
 
 
 def _time_claims(worker: Worker, samples: list[float]) -> None:
@@ -152,8 +168,11 @@ def run(url: str, slots: int, jobs: int, prefix: str = "fleet:") -> list[Figure]
     finally:
         stop.set()
     samples: list[float] = []
+    warnings = leases_lost = 0
     for _ in children:
-        samples += out.get(timeout=120)
+        got_samples, got_warnings, got_lost = out.get(timeout=120)
+        samples += got_samples
+        warnings, leases_lost = warnings + got_warnings, leases_lost + got_lost
     for child in children:
         child.join(30)
     rate = got["matchable"] / got["elapsed"]
@@ -165,6 +184,8 @@ def run(url: str, slots: int, jobs: int, prefix: str = "fleet:") -> list[Figure]
         Figure("fleet", "Redis commands per claimed job (draining)", got["calls_per_job"], "cmd/job"),
         Figure("fleet", "Redis commands per job submitted to the idle fleet", got["idle_calls_per_job"], "cmd/job",
                note=f"{len(got['waits'])} jobs at {TRICKLE_PER_S:g}/s"),
+        Figure("fleet", "leases lost (a slot's process too busy to heartbeat in time)", leases_lost, "jobs",
+               note=f"{warnings} warnings in all"),
         Figure("fleet", "longest wait of a matchable job (idle fleet)", max(got["waits"]), "ms",
                pct(got["waits"], .5), "p50 wait"),
     ]
