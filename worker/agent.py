@@ -589,6 +589,11 @@ class Worker:
         bind(job_id=claimed.job_id, attempt=claimed.attempt)  # this task's log lines (and its children's)
         try:
             outcome = await self.executor.run(claimed, running)
+            if outcome is Outcome.RETRY and running.engine is not None:
+                # the engine may have died: look before this slot claims its next job (a lone
+                # worker retakes its own failed job at once, and must not spend its attempts on a
+                # dead engine)
+                await running.engine.check_health(self.settings.health_timeout_s)
         except Exception as exc:
             log.exception("job %s: unexpected error in the worker", claimed.job_id)
             with contextlib.suppress(Exception):

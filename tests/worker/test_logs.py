@@ -54,7 +54,7 @@ async def test_text_when_asked_in_the_environment_or_the_env_file(tmp_path: Path
 
 async def test_a_running_workers_lines_name_slot_job_and_attempt(redis_url: str, keys: Keys) -> None:
     async with WorkerProcess(redis_url, keys.prefix, "log-worker", EMP_LOG_FORMAT="json",
-                             EMP_LOG_LEVEL="INFO") as proc:
+                             EMP_LOG_LEVEL="DEBUG") as proc:  # "claimed" is a DEBUG line (one INFO per job)
         job = await proc.run_job("simulation", {"duration_s": 0.05, "steps": 2})
         job_id = job["id"]
         proc.signal()
