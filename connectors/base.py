@@ -240,6 +240,10 @@ class JobContext:
             self._temp_dir = Path(tempfile.mkdtemp(prefix="emp-job-"))
         return self._temp_dir
 
+    @property
+    def has_temp_dir(self) -> bool:
+        return self._temp_dir is not None
+
     def cleanup(self) -> None:
         """Delete the job's temporary directory (the worker calls this after the outcome)."""
         if self._temp_dir is not None:

@@ -103,7 +103,7 @@ class Executor:
         try:
             return await self._record(job, running, result, error)
         finally:
-            if running.ctx is not None:
+            if running.ctx is not None and running.ctx.has_temp_dir:  # most jobs make none: no thread hop
                 await asyncio.to_thread(running.ctx.cleanup)
 
     async def _run_with_progress(
