@@ -155,3 +155,24 @@ async def beat_idle(queue: Queue, worker: str, capabilities: dict[str, Any]) -> 
     """Register a live, idle worker the way the agent does (its claim capabilities in emp_caps)."""
     fields = {"emp_caps": json.dumps(capabilities), "max_concurrent_jobs": "1"}
     await queue.heartbeat(worker, "idle", fields, 30, {}, capabilities["loaded"])
+
+
+@contextlib.asynccontextmanager
+async def published(redis: aioredis.Redis, channels: list[str]) -> AsyncIterator[dict[str, list[dict[str, Any]]]]:
+    """Every JSON message published on `channels` while the block runs, by channel."""
+    seen: dict[str, list[dict[str, Any]]] = {c: [] for c in channels}
+    pubsub = redis.pubsub(ignore_subscribe_messages=True)
+    await pubsub.subscribe(*channels)
+
+    async def collect() -> None:
+        while True:
+            message = await pubsub.get_message(timeout=1.0)
+            if message is not None:
+                seen[message["channel"]].append(json.loads(message["data"]))
+
+    task = asyncio.create_task(collect())
+    try:
+        yield seen
+    finally:
+        task.cancel()
+        await pubsub.aclose()  # type: ignore[no-untyped-call]

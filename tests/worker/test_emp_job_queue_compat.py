@@ -3,7 +3,6 @@ our worker, with the events their API and monitor consume on their channels."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import math
 import time
@@ -13,7 +12,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from tests.conftest import WorkerFactory, wait_until
+from tests.conftest import WorkerFactory, published, wait_until
 from worker.keys import Keys
 
 
@@ -51,24 +50,10 @@ async def test_job_from_their_api_is_claimed_progressed_completed(
     redis: aioredis.Redis, keys: Keys, start_worker: WorkerFactory
 ) -> None:
     channels = [keys.ch_job_claimed, keys.ch_progress, keys.ch_complete, keys.ch_failed]
-    events: dict[str, list[dict[str, Any]]] = {c: [] for c in channels}
-    pubsub = redis.pubsub(ignore_subscribe_messages=True)
-    await pubsub.subscribe(*channels)
-
-    async def collect() -> None:
-        while True:
-            message = await pubsub.get_message(timeout=1.0)
-            if message is not None:
-                events[message["channel"]].append(json.loads(message["data"]))
-
-    collector = asyncio.create_task(collect())
-    try:
+    async with published(redis, channels) as events:
         await start_worker("their-api-worker")
         job_id = await _submit_like_their_api(redis, keys, 75, {"duration_s": 0.05, "steps": 4})
         await wait_until(lambda: len(events[keys.ch_complete]) == 1, within_s=15)
-    finally:
-        collector.cancel()
-        await pubsub.aclose()  # type: ignore[no-untyped-call]
 
     (claimed,) = events[keys.ch_job_claimed]
     assert claimed["job_id"] == job_id and claimed["worker_id"] == "their-api-worker"

@@ -13,7 +13,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from connectors import Connector, Job, JobContext, JobResult, hookimpl
-from tests.conftest import WorkerFactory, wait_until
+from tests.conftest import WorkerFactory, published, wait_until
 from worker.client import Client, unwrap_result
 from worker.keys import Keys
 
@@ -25,21 +25,8 @@ async def _status(client: Client, job_id: str, *wanted: str) -> bool:
 @pytest.fixture
 async def channel_log(redis: aioredis.Redis, keys: Keys) -> AsyncIterator[dict[str, list[dict[str, Any]]]]:
     """Every message published on the job channels during the test, by channel."""
-    channels = [keys.ch_job_submitted, keys.ch_wake, keys.ch_complete, keys.ch_failed]
-    seen: dict[str, list[dict[str, Any]]] = {c: [] for c in channels}
-    pubsub = redis.pubsub(ignore_subscribe_messages=True)
-    await pubsub.subscribe(*channels)
-
-    async def collect() -> None:
-        while True:
-            message = await pubsub.get_message(timeout=1.0)
-            if message is not None:
-                seen[message["channel"]].append(json.loads(message["data"]))
-
-    task = asyncio.create_task(collect())
-    yield seen
-    task.cancel()
-    await pubsub.aclose()  # type: ignore[no-untyped-call]
+    async with published(redis, [keys.ch_job_submitted, keys.ch_wake, keys.ch_complete, keys.ch_failed]) as seen:
+        yield seen
 
 
 class Listy(Connector):
