@@ -1,9 +1,10 @@
 """All benchmarks, each figure beside a same-run baseline, written to bench/results.md.
 
-    .venv/bin/python -m bench [--smoke] [--only claim,drain,pickup,hol,fleet] [--out bench/results.md]
+    .venv/bin/python -m bench [--smoke] [--only claim,drain,pickup,hol,fleet,peers] [--out bench/results.md]
 
 Runs its own redis-server (worker/embedded.py), so command counts and CPU are ours alone.
 --smoke: tiny sizes (CI, under a minute). The full run takes several minutes on 2 cores.
+peers (bullmq, saq beside ours, bench/peers.py) runs those installed (`pip install bullmq saq`).
 """
 
 from __future__ import annotations
@@ -13,16 +14,17 @@ import asyncio
 import time
 from pathlib import Path
 
-from bench import claim, drain, fleet, hol, pickup_figures
+from bench import claim, drain, fleet, hol, peers, pickup_figures
 from bench.common import Figure, info, machine, write_results
 from worker.client import connect
 from worker.embedded import EmbeddedRedis
 
-BENCHES = ("claim", "drain", "pickup", "hol", "fleet")
+BENCHES = ("claim", "drain", "pickup", "hol", "fleet", "peers")
 SIZES = {  # smoke, full
     "claim_jobs": (300, 10_000), "drain_jobs": (300, 5_000), "pickup_jobs": (30, 500), "idle_s": (1.0, 10.0),
     "hol_blockers": (500, 10_000), "hol_claims": (20, 100), "hol_spread": (10, 100),
     "fleet_slots": (20, 1000), "fleet_jobs": (500, 100_000),
+    "peers_drain_jobs": (100, 5_000), "peers_pickup_jobs": (10, 500),
 }
 
 
@@ -42,6 +44,8 @@ def run_one(name: str, url: str, size: dict[str, float]) -> list[Figure]:
         return asyncio.run(pickup_figures.run(url, int(size["pickup_jobs"]), size["idle_s"]))
     if name == "hol":
         return asyncio.run(hol.run(url, int(size["hol_blockers"]), int(size["hol_claims"]), int(size["hol_spread"])))
+    if name == "peers":
+        return asyncio.run(peers.run(url, int(size["peers_drain_jobs"]), int(size["peers_pickup_jobs"])))
     return fleet.run(url, int(size["fleet_slots"]), int(size["fleet_jobs"]))
 
 
