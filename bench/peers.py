@@ -306,9 +306,14 @@ async def ours_pickup(url: str, jobs: int) -> list[tuple[float, float]]:
     return latencies
 
 
+def write_stamp_plugin(plugins: Path) -> None:
+    """The plugins directory's one file: it registers this module's `emp_connectors`."""
+    (plugins / "emp_bench_stamp.py").write_text(STAMP_PLUGIN)
+
+
 def start_stamp_worker(url: str, prefix: str, worker_id: str, plugins: Path) -> subprocess.Popen[bytes]:
     """`emp-worker run` with the stamp connector alone, from a plugins directory of one shim."""
-    (plugins / "emp_bench_stamp.py").write_text(STAMP_PLUGIN)
+    write_stamp_plugin(plugins)
     env = {**os.environ, "EMP_REDIS_URL": url, "EMP_KEY_PREFIX": prefix, "EMP_LOG_LEVEL": "WARNING",
            "EMP_CONNECTORS": "stamp", "EMP_PLUGINS_DIR": str(plugins), "EMP_WORKER_ID": worker_id,
            "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)}
