@@ -9,9 +9,12 @@ survives errors, so that none waits on another:
 * the **refresh loop** checks connector health, lists models (every ``EMP_MODELS_TTL_S``),
   re-reads the slot's GPU and the models loaded in it, and calls the capability hooks, all
   concurrently and each with a timeout; it retries connectors whose ``start()`` failed;
-* the **listener** reads ``job_submitted`` and ``cancel_job`` on one pub/sub connection;
-* the **claim loop** claims while a place is free, then waits for a wake-up (a submitted job, a
-  freed place, a promoted retry) or a jittered slow poll.
+* the **listener** reads ``cancel_job`` on one pub/sub connection, and ``job_submitted`` too when
+  the slot is a wake relay (worker/wake.py);
+* the **claim loop** claims while a place is free, then waits for a wake token (BLPOP on its
+  services' wake lists, worker/wake.py: a job wakes one idle worker, not all), a local event (a
+  freed place, a promoted retry, a relay's job_submitted) or, at the BLPOP's timeout, a jittered
+  slow poll.
 
 Running one job is worker/execution.py; what the slot advertises is worker/advertise.py; every
 call into connector code is guarded by worker/guard.py. worker/daemon.py runs one Worker per GPU.
@@ -53,6 +56,7 @@ from worker.protocol import is_text, printable, utc_iso
 from worker.queue import Claimed, Deferred, Queue, QueueConfig
 from worker.retry import Backoff, wait_for_event
 from worker.settings import Settings
+from worker.wake import READ_MARGIN_S, Relays, Waiter
 
 if TYPE_CHECKING:
     from worker.metrics import Metrics
@@ -60,6 +64,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("emp.worker")
 
 GPU_READ_TIMEOUT_S = 2.0
+LISTEN_TURN_S = 1.0  # the listener looks this often whether its channels must change (a relay or not)
 LOADED_TIMEOUT_S = 1.0
 INSTANCE_ERROR = "EMP_INSTANCE "  # heartbeat.lua's refusal: another process holds the worker id
 
@@ -137,8 +142,11 @@ class Worker:
         self.stopping = asyncio.Event()
         self.fast_stop = asyncio.Event()
         self.wake = asyncio.Event()
-        self.hints: deque[str] = deque(maxlen=1000)
+        self.hints: deque[str] = deque(maxlen=1000)  # job ids from job_submitted (a relay's)
+        self.waiter = Waiter(client, self.keys, self.queue, self.wake)
+        self.relays = Relays(client, self.keys, self.queue, worker_id, settings.wake_relays, self.beat_ttl_s)
         self.claims = 0
+        self.claim_calls = 0  # claim scripts run (jobs claimed or not)
         self.unreadable_messages = 0  # pub/sub messages ignored as unreadable
         self._last_beat = time.monotonic()  # the last beat that got through
         self._beat_failed = False  # whether a beat failed since then (a gap in our own heartbeats)
@@ -216,7 +224,8 @@ class Worker:
         await self._set_state(WorkerState.IDLE)
         log.info("worker %s ready: services %s", self.worker_id, ", ".join(self.ads.all_services))
         background = [asyncio.create_task(c) for c in (self._listen(), self._every_beat(self._beat, "heartbeat"),
-                                                           self._every_beat(self._refresh, "refresh"))]
+                                                           self._every_beat(self._refresh, "refresh"),
+                                                           self.relays.run(self.stopping))]
         try:
             await self._claim_loop()
             await self._drain()
@@ -227,6 +236,7 @@ class Worker:
             for task in [*background, *self._starting.values()]:
                 task.cancel()
             await asyncio.gather(*background, *self._starting.values(), return_exceptions=True)
+            await self._hand_on()
             await self._deregister()
             await asyncio.gather(*(engine.stop() for engine in self.engines))
             await self.outputs.close()
@@ -449,12 +459,18 @@ class Worker:
 
     # --- pub/sub -----------------------------------------------------------------------------------
 
+    def _channels(self) -> set[str]:
+        """cancel_job for every slot; job_submitted for wake relays only (worker/wake.py)."""
+        if self.relays.is_relay:
+            return {self.keys.ch_cancel, self.keys.ch_job_submitted}
+        return {self.keys.ch_cancel}
+
     async def _listen(self) -> None:
         backoff = Backoff()
-        channels = (self.keys.ch_job_submitted, self.keys.ch_wake, self.keys.ch_cancel)
         while True:
             pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
             try:
+                channels = self._channels()
                 await pubsub.subscribe(*channels)
                 if backoff.failures:
                     log.info("reconnected to Redis pub/sub")
@@ -464,12 +480,19 @@ class Worker:
                 self.wake.set()  # anything published while we were away is found by a claim
                 while True:
                     try:
-                        message = await pubsub.get_message(timeout=60.0)
+                        message = await pubsub.get_message(timeout=LISTEN_TURN_S)
                     except UnicodeDecodeError as exc:  # a client that decodes strictly; the reply was read whole
                         self._unreadable_message(f"not UTF-8 text: {exc.reason}")
                         continue
                     if message is not None:
                         self._on_message(message)
+                    if self._channels() != channels:  # became a relay, or stopped being one
+                        wanted = self._channels()
+                        if wanted - channels:
+                            await pubsub.subscribe(*(wanted - channels))
+                        if channels - wanted:
+                            await pubsub.unsubscribe(*(channels - wanted))
+                        channels = wanted
             except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
                 delay = backoff.next_delay()
                 log.warning("pub/sub connection lost (%s); reconnecting in %.1fs",
@@ -505,11 +528,16 @@ class Worker:
                 log.info("job %s cancelled: %s", job_id, data.get("reason", ""))
                 running.stop(StopReason.CANCELLED)
             return
+        if message.get("channel") != self.keys.ch_job_submitted or data.get("emp_woken") is True:
+            return  # our own submit pushed its wake token already
         service = data.get("service_required")
-        if service is None or (isinstance(service, str) and service in self.by_service):
-            if job_id:
+        room = self.ads.services(with_room=True) if self._slots_free() else []
+        if (service is None and room) or (isinstance(service, str) and service in room):
+            if job_id:  # claimed here, or passed on by the claim script (hops=0)
                 self.hints.append(job_id)
             self.wake.set()
+        elif job_id:
+            self.relays.forward(job_id)  # wake one idle worker of its service
 
     # --- claiming --------------------------------------------------------------------------------
 
@@ -528,22 +556,31 @@ class Worker:
                 await wait_for_event(self.stopping, delay)
             self.turns["claim"] = time.monotonic()
         self.turns.pop("claim", None)  # a loop that ended on purpose is no stalled loop
+        await self._hand_on()
+        await self.waiter.close()
+        await self.relays.close()
 
     async def _claim_once(self, backoff: Backoff) -> None:
         """One claim when a place is free, then the wait until the next one."""
         poll = self.settings.poll_interval_s
-        if not self._slots_free() or not self.ads.services(with_room=True):
+        room = self.ads.services(with_room=True) if self._slots_free() else []
+        if not room:
             await self._idle_if_done()
+            await self._hand_on()
             await wait_for_event(self.wake, poll)
             return
-        hint = self.hints.popleft() if self.hints else ""
+        token = self.waiter.take()
+        hint, hops = (token[1], token[0]) if token else (self.hints.popleft(), 0) if self.hints else ("", None)
         try:
             began = time.perf_counter()
-            claimed = await self.queue.claim_or_defer(self.worker_id, self.capabilities(), hint)
+            self.claim_calls += 1
+            claimed = await self.queue.claim_or_defer(self.worker_id, self.capabilities(), hint, hops=hops)
             if self.metrics is not None:
                 self.metrics.claim_took(time.perf_counter() - began)
             backoff.reset()
         except RedisUnavailable as exc:
+            if token is not None:
+                self.waiter.ready.appendleft(token)  # for the next claim: a popped token is never dropped
             await self._idle_if_done()
             delay = backoff.next_delay()
             log.warning("claim failed: %s (next try in %.1fs)", exc, delay)
@@ -555,8 +592,17 @@ class Worker:
         await self._idle_if_done()
         if isinstance(claimed, Deferred):  # left to a worker with its models loaded: look again
             await wait_for_event(self.wake, min(poll, claimed.retry_in_ms / 1000 + 0.01))
-        elif not self.hints:
-            await wait_for_event(self.wake, poll * random.uniform(0.8, 1.2))
+        elif not self.hints and not self.waiter.ready:
+            timeout = poll * random.uniform(0.8, 1.2)
+            self.waiter.listen(room, timeout)  # a token, or its timeout (the slow poll), sets self.wake
+            await wait_for_event(self.wake, timeout + READ_MARGIN_S)
+
+    async def _hand_on(self) -> None:
+        """No free place (or stopping): the next token goes to a worker that has one (the BLPOP in
+        flight is unblocked), and the tokens and job_submitted ids held here go on to others."""
+        await self.waiter.stand_down()
+        while self.hints:
+            self.relays.forward(self.hints.popleft())
 
     async def _idle_if_done(self) -> None:
         """BUSY -> IDLE once a claim finds nothing to start and no job runs: back-to-back jobs keep

@@ -79,6 +79,8 @@ class Settings(BaseSettings):
     heartbeat_interval_s: float = _env("heartbeat_interval_s", 2.0, gt=0, le=60)
     lease_s: float = _env("lease_s", 8.0, gt=0, le=3600)
     poll_interval_s: float = _env("poll_interval_s", 5.0, gt=0, le=300)
+    # how many workers turn emp-job-queue's job_submitted into wake tokens (worker/wake.py); 0: none
+    wake_relays: int = _env("wake_relays", 2, ge=0, le=16)
     max_concurrent_jobs: int = _env("max_concurrent_jobs", 1, ge=1, le=64)
     job_timeout_s: float = _env("job_timeout_s", 3600.0, gt=0)
     grace_period_s: float = _env("grace_period_s", 30.0, ge=0)

@@ -170,7 +170,7 @@ async def test_an_unhealthy_gpu_stops_its_slot_claiming_until_it_recovers(
         await wait_until(advertised_unhealthy, within_s=10)
         beats: set[str] = set()
 
-        async def two_more_beats() -> bool:  # the slot woke (job_submitted) and beat, yet did not claim
+        async def two_more_beats() -> bool:  # the slot beat, yet did not claim (nor wait for the job's token)
             beats.add(await client.redis.hget(keys.worker("gpu-slot"), "last_heartbeat") or "")
             return len(beats) >= 3
 

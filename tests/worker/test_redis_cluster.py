@@ -59,7 +59,7 @@ def _settings(nodes: list[Server], **overrides: Any) -> Settings:
 
 
 async def test_a_job_runs_end_to_end_with_a_hash_tagged_prefix(cluster: list[Server]) -> None:
-    settings = _settings(cluster, poll_interval_s=60.0)  # picked up by its job_submitted, not a poll
+    settings = _settings(cluster, poll_interval_s=60.0)  # picked up by its wake token, not a poll
     async with running_worker(settings, "cluster-w1"), client_for(settings) as client:
         job_id = await client.submit("simulation", {"steps": 3, "duration_s": 0.2})
         jobs = await wait_final(client, [job_id], within_s=15)

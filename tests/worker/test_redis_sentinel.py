@@ -83,7 +83,8 @@ async def test_a_failover_mid_run_loses_nothing_doubles_nothing_and_the_worker_c
     sentinel reconfigures it: Redis loses those (asynchronous replication). A lost write is never a
     lost job: the lease of a job whose completion was lost runs out on the new master, and the job
     runs again. What must hold is read on the new master: every job completed, each once."""
-    # a slow poll: after the failover only the job_submitted subscription wakes the worker at once
+    # a slow poll: after the failover only the wait for wake tokens (BLPOP on the new master) wakes
+    # the worker at once
     settings = _settings(sentinels, poll_interval_s=60.0, max_concurrent_jobs=2)
     async with running_worker(settings, "sentinel-w2") as worker:
         async with client_for(settings) as client:
@@ -103,7 +104,7 @@ async def test_a_failover_mid_run_loses_nothing_doubles_nothing_and_the_worker_c
             jobs = await wait_final(client, before, within_s=60)
             assert {j: jobs[j]["status"] for j in before} == dict.fromkeys(before, "completed")
             after = await client.submit("simulation", {"steps": 2, "duration_s": 0.1})
-            jobs = await wait_final(client, [after], within_s=10)  # well inside the 60 s poll: pub/sub is back
+            jobs = await wait_final(client, [after], within_s=10)  # well inside the 60 s poll: the wait is back
             assert jobs[after]["status"] == "completed"
             every = [*before, after]
             assert await _completions(client, every) == dict.fromkeys(every, 1)
