@@ -46,6 +46,13 @@ RECONCILE_LOCK = "emp:reconcile:lock"
 RECONCILE_CURSOR = "emp:reconcile:cursor"
 QUARANTINE = "emp:quarantine"
 OUTAGE = "emp:outage"
+# Wake-up without a herd: per-service lists of tokens "{hops}:{job id}" that idle workers BLPOP
+# (Redis hands each token to one blocked worker), the per-job mark that dedupes relays' pushes,
+# and the relays' locks (the few workers that turn job_submitted into tokens)
+WAKE_LIST = "emp:wakeup:"  # + service
+WOKEN = "emp:woken:"  # + job id
+RELAY = "emp:relay:"  # + relay number
+CLASSES_OF = "emp:classes:"  # + service: that service's classes (class id -> meta JSON)
 
 # A field of the worker hash (not a key): the worker's models as JSON {service: [model names]},
 # written by Queue.set_models and read by the claim script when claim capabilities carry none.
@@ -144,8 +151,21 @@ class Keys:
 
     @property
     def classes(self) -> str:
-        """Hash: class queue key -> JSON {service, requirements, customer_id} of its jobs."""
+        """Hash: class id -> its service (every registered class; reconcile and status walk it)."""
         return f"{self.prefix}{CLASSES}"
+
+    def classes_of(self, service: str) -> str:
+        """Hash: class id -> JSON {service, requirements, customer_id} of one service's classes (a
+        claim reads only the services its worker serves)."""
+        return f"{self.prefix}{CLASSES_OF}{service}"
+
+    def wake_list(self, service: str) -> str:
+        """List of wake tokens ``"{hops}:{job id}"`` for idle workers of `service` (BLPOP)."""
+        return f"{self.prefix}{WAKE_LIST}{service}"
+
+    def relay(self, n: int) -> str:
+        """Lock of relay `n`: its holder turns job_submitted messages into wake tokens."""
+        return f"{self.prefix}{RELAY}{n}"
 
     def class_queue(self, class_id: str) -> str:
         """Sorted set of the pending jobs of one (service, requirements, customer) class."""

@@ -38,6 +38,19 @@ from worker.protocol import decode_reply, utc_iso
 
 MAX_PER_BEAT = 100
 MAX_HINT_CHARS = 512  # a job_submitted id longer than any job id is no hint
+MAX_WAKE_HOPS = 16  # lib/wake.lua's: a token is passed on this many times at most
+
+
+def parse_wake_token(raw: bytes | str) -> tuple[int, str] | None:
+    """A wake token ``"{hops}:{job id}"`` popped from a wake list, as (hops, job id); None for
+    anything else (anyone can push anything on a list)."""
+    text = raw.decode("utf-8", "surrogateescape") if isinstance(raw, bytes) else raw
+    hops, sep, job_id = text.partition(":")
+    if not sep or not hops.isdigit() or len(hops) > 2 or not job_id or len(job_id) > MAX_HINT_CHARS:
+        return None
+    if int(hops) >= MAX_WAKE_HOPS:
+        return None
+    return int(hops), job_id
 
 
 @dataclass(frozen=True)
@@ -169,19 +182,36 @@ class Queue:
         return got if isinstance(got, Claimed) else None
 
     async def claim_or_defer(
-        self, worker_id: str, capabilities: Mapping[str, Any], hint: str = ""
+        self, worker_id: str, capabilities: Mapping[str, Any], hint: str = "", hops: int | None = None
     ) -> Claimed | Deferred | None:
+        """`hint`: a job to index first (a job_submitted or wake-token id); `hops`: the hop count
+        of the wake token it came from, if it did: the script passes the token on to the next idle
+        worker of the job's service when this claim leaves that job pending."""
         try:
             reply = await self._run_undecoded("claim", worker_id, json.dumps(capabilities), hint[:MAX_HINT_CHARS],
-                                              self._options)
+                                              self._options, "" if hops is None else str(hops))
         except ResponseError as exc:  # a script error is a bug or a foreign record; never silent
             raise RedisUnavailable(f"claim script failed: {exc}") from exc
         if not reply:
             return None
         if int(reply[0]) == -1:
             return Deferred(int(reply[1]))
-        attempt, job_id, flat = int(reply[0]), decode_reply(reply[1]), [decode_reply(v) for v in reply[2:]]
-        return Claimed(attempt, job_id, dict(zip(flat[::2], flat[1::2], strict=True)))
+        fields = json.loads(decode_reply(reply[2]))  # one JSON object: cheaper to parse than 2n strings
+        return Claimed(int(reply[0]), decode_reply(reply[1]), {str(k): str(v) for k, v in fields.items()})
+
+    async def wake(self, job_id: str) -> bool:
+        """Wake one idle worker for a pending job (a relay's answer to job_submitted): push a wake
+        token on its service's list, at most one per job however many relays ask. True when pushed."""
+        if not job_id or len(job_id) > MAX_HINT_CHARS:
+            return False
+        return bool(await self._run("wake", job_id, ""))
+
+    async def pass_on(self, hops: int, job_id: str) -> bool:
+        """Push back a wake token this worker popped but cannot use now (no free place), unchanged,
+        while its job is pending. True when pushed."""
+        if not job_id or len(job_id) > MAX_HINT_CHARS:
+            return False
+        return bool(await self._run("wake", job_id, str(hops)))
 
     async def set_loaded(self, worker_id: str, models: list[str]) -> None:
         """Record the models `worker_id` holds in GPU memory, for model affinity."""

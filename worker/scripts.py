@@ -22,8 +22,15 @@ their API writes it). Claims are served from ``emp:q:{class}`` sorted sets, one 
 (service, requirements, customer) class: score ``-effective_priority``, member
 ``{effective_ms:013}:{seq:012}:{job id}``, so ``ZRANGE 0 0`` yields the highest priority and,
 within it, the oldest job, exactly (no float buckets). A claim inspects one head per class instead
-of scanning jobs. Jobs written by the emp-job-queue API are indexed on ``job_submitted`` (the
-claim's hint) and by ``RECONCILE``.
+of scanning jobs, and only the classes of the services its worker serves (``emp:classes:{service}``;
+``emp:classes`` lists them all). Jobs written by the emp-job-queue API are indexed on
+``job_submitted`` (the claim's hint) and by reconcile steps: a claim's while ``jobs:pending`` and
+``emp:indexed`` differ in size, the reaper's once per reap period.
+
+Wake-up. An idle worker waits on its services' wake lists (``emp:wakeup:{service}``) with BLPOP;
+each job made claimable pushes one token ``"{hops}:{job id}"`` (lib/wake.lua), which Redis hands
+to one waiting worker; a claim that leaves the hinted job pending passes the token on. A job
+costs one wake-up, however many workers are idle.
 
 Sources. Each script is a file ``worker/lua/{name}.lua``; shared helpers are
 ``worker/lua/lib/{helper}.lua``. A file's header comment says what it does (a script's also its
@@ -42,7 +49,7 @@ from importlib.resources.abc import Traversable
 from worker import keys
 
 SCRIPTS = ("submit", "claim", "start", "progress", "complete", "fail", "hand_back", "heartbeat", "reconcile", "cancel",
-           "set_loaded", "match_probe")
+           "set_loaded", "match_probe", "wake")
 
 _REQUIRES = re.compile(r"^-- requires:(.*)$", re.MULTILINE)
 

@@ -42,7 +42,7 @@ async def test_doctor_against_the_test_redis_is_one_line_per_check(redis_url: st
                           "gpu 0", "gpu 1",
                           "engine simulation (slot 0)", "engine simulation (slot 1)", "output disk"]
     assert all(line.startswith("OK") for line in lines), out
-    assert "12 Lua scripts load" in out and "EMP_FAKE_GPUS" in out and str(tmp_path / "out") in out
+    assert "13 Lua scripts load" in out and "EMP_FAKE_GPUS" in out and str(tmp_path / "out") in out
 
 
 async def test_doctor_fails_with_a_hint_for_a_wrong_redis_url(tmp_path: Path) -> None:

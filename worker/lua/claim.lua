@@ -1,20 +1,26 @@
--- requires: clock common untrusted index final_fail reconcile match
+-- requires: clock common untrusted index final_fail reconcile match wake
 -- Claim the best job this worker can run.
 -- KEYS: none (every key is the prefix in ARGV[1] plus a name from worker/keys.py).
 -- ARGV: 1 prefix, 2 worker id, 3 capabilities JSON (see worker/matching.py; without a models
 --         key the worker's models are those Queue.set_models stored in its hash, emp_models),
---       4 hint job id ('' for none: a job_submitted id to index first),
+--       4 hint job id ('' for none: a job_submitted or wake-token id to index first),
 --       5 options JSON (QueueConfig's fields): lease_ms, stream_maxlen, stream_ttl_s,
 --         retention_s (for jobs failed here as invalid), retry_exclusion_ms (skip jobs this
 --         worker failed that recently), reconcile_lock_ms, affinity_ms (model affinity window,
---         0: off).
+--         0: off),
+--       6 the hops of the wake token the hint came from ('' when it came from none): when the
+--         hinted job is still pending after this claim (this worker cannot run it, or took a
+--         better one), the token goes on to the next idle worker of its service (lib/wake.lua).
 -- Returns {} when nothing matches, {-1, ms} when a job was left to a worker that has its models
--- loaded (claim again after ms), else {attempt, job id, field, value, field, value, ...} of the
--- job (the id is the one of the key claimed, whatever the hash says).
+-- loaded (claim again after ms), else {attempt, job id, job JSON} (the job hash as it is now,
+-- one JSON object of its fields; the id is the one of the key claimed, whatever the hash says).
+-- A claim reads only the classes of the services this worker serves (emp:classes:{service}),
+-- one head per class; it reconciles only while jobs:pending and emp:indexed differ in size.
 -- Nothing read here stops claiming: a malformed job fails for good with a readable error naming
 -- the field, a job key that is not a hash or an id that cannot be echoed is quarantined, a
--- garbage index entry (emp:classes, emp:q:*, emp:qw:*) is dropped or rebuilt from the jobs, and
--- a class the script errors on is set aside (logged) while the other classes are still served.
+-- garbage index entry (emp:classes*, emp:q:*, emp:qw:*) is dropped or rebuilt from the jobs, an
+-- index key of the wrong type is dropped and the claim tried again, and a class the script errors
+-- on is set aside (logged) while the other classes are still served.
 
 local worker = ARGV[2]
 local caps = with_stored_models(cjson.decode(ARGV[3]), worker)
@@ -24,12 +30,26 @@ local maxlen, ttl, retention = tonumber(opts['stream_maxlen']), tonumber(opts['s
   tonumber(opts['retention_s'])
 local exclude_ms = tonumber(opts['retry_exclusion_ms'])
 local now = now_ms()
+local hint = ARGV[4]
 
-heal_index_keys()
+-- The services this worker serves (each once, at most 64: untrusted in the sense that a plugin
+-- builds them).
+local services, seen_service = {}, {}
+if type(caps['services']) == 'table' then
+  for _, service in ipairs(caps['services']) do
+    if type(service) == 'string' and not seen_service[service] and #services < 64 then
+      seen_service[service] = true
+      services[#services + 1] = service
+    end
+  end
+end
+
 -- indexing the hint and reconciling are optimisations of claiming, never a reason to fail it
 local indexed_ok, index_err = pcall(function()
-  if ARGV[4] ~= '' then index_or_fail(ARGV[4], worker, retention, maxlen) end
-  reconcile(tonumber(opts['reconcile_lock_ms']), retention, maxlen)
+  if hint ~= '' and redis.call('SISMEMBER', K('@INDEXED@'), hint) == 0 then
+    index_or_fail(hint, worker, retention, maxlen)
+  end
+  reconcile(tonumber(opts['reconcile_lock_ms']), retention, maxlen, true)
 end)
 if not indexed_ok then
   redis.log(redis.LOG_WARNING, 'emp-worker claim: reconcile step failed: ' .. printable(index_err, 300))
@@ -123,14 +143,13 @@ end
 -- leave it alone.
 local function usable(id, queue, class, member, service)
   local jk = K('@JOB@' .. id)
-  local kind = redis.call('TYPE', jk)['ok']
-  if kind ~= 'hash' and kind ~= 'none' then
+  local f = redis.pcall('HMGET', jk, 'last_failed_worker', 'emp_last_failed_ms', 'status',
+    'emp_indexed_ms', 'emp_class', 'emp_member')
+  if f['err'] then
     redis.call('ZREM', queue, member)
-    quarantine(id, 'the job key is a ' .. kind .. ', not a hash', 'claim', retention)
+    quarantine(id, 'the job key is a ' .. redis.call('TYPE', jk)['ok'] .. ', not a hash', 'claim', retention)
     return nil
   end
-  local f = redis.call('HMGET', jk, 'last_failed_worker', 'emp_last_failed_ms', 'status',
-    'emp_indexed_ms', 'emp_class', 'emp_member')
   if f[3] ~= 'pending' or not redis.call('ZSCORE', K('@PENDING@'), id) or f[5] ~= class or f[6] ~= member then
     -- cancelled, taken elsewhere, or an entry that is not the job's own: drop the entry
     redis.call('ZREM', queue, member)
@@ -153,20 +172,22 @@ local function class_meta(raw)
   return meta
 end
 
--- A garbage emp:classes entry: registered again from its queue's head job, or dropped (the
--- queue's jobs are indexed again by reconcile, which registers their class).
-local function rebuild_class(class)
+-- A garbage class entry of `service`: registered again from its queue's head job (its meta is
+-- returned), or dropped (the queue's jobs are indexed again by reconcile, which registers their
+-- class; nil is returned).
+local function rebuild_class(class, service)
   local qk = K('@CLASS_QUEUE@' .. class)
   if redis.call('TYPE', qk)['ok'] == 'zset' then
     for _, member in ipairs(redis.call('ZRANGE', qk, 0, 7)) do
       local id = id_of(member)
       local f = id and redis.pcall('HMGET', K('@JOB@' .. id), 'service_required', 'requirements', 'customer_id')
-      if f and not f['err'] and f[1] then
+      if f and not f['err'] and f[1] == service then
         local req, cust = f[2] or '', f[3] or ''
         if redis.sha1hex(f[1] .. '\n' .. req .. '\n' .. cust) == class then
-          redis.call('HSET', K('@CLASSES@'), class, cjson.encode({ service = f[1], requirements = req,
-            customer_id = cust }))
-          return
+          local meta = { service = f[1], requirements = req, customer_id = cust }
+          redis.call('HSET', K('@CLASSES@'), class, cjson.encode(meta))
+          redis.call('HSET', K('@CLASSES_OF@' .. service), class, cjson.encode(meta))
+          return meta
         end
       end
       redis.call('ZREM', qk, member)
@@ -175,14 +196,14 @@ local function rebuild_class(class)
   else
     redis.call('DEL', qk)
   end
-  redis.call('HDEL', K('@CLASSES@'), class)
+  unregister_class(class, service)
+  return nil
 end
 
 local candidates = {}
 local function consider(class, member, score, meta, indexed)
-  local models = wanted_models(meta)
   candidates[#candidates + 1] = { class = class, member = member, score = score, meta = meta,
-    models = models, affine = all_loaded_here(models), indexed = indexed }
+    indexed = indexed }
 end
 
 -- The first usable entry of each class in a workflow's queue.
@@ -213,18 +234,19 @@ local function look_at_workflow()
   end
 end
 
--- The first usable head of one class queue, when this worker matches the class.
-local function look_at_class(class, raw)
+-- The first usable head of one class queue of `service`, when this worker matches the class.
+local function look_at_class(class, raw, service)
   local meta = class_meta(raw)
-  if not meta then return rebuild_class(class) end
+  if not meta or meta['service'] ~= service then meta = rebuild_class(class, service) end
+  if not meta then return end
   local qk = K('@CLASS_QUEUE@' .. class)
   if matches(caps, meta) then
     local heads = redis.call('ZRANGE', qk, 0, 7, 'WITHSCORES')
-    if #heads == 0 then redis.call('HDEL', K('@CLASSES@'), class) end
+    if #heads == 0 then unregister_class(class, service) end
     for h = 1, #heads, 2 do
       local member, score = heads[h], tonumber(heads[h + 1])
       local id = id_of(member)
-      local indexed = id and usable(id, qk, class, member, meta['service'])
+      local indexed = id and usable(id, qk, class, member, service)
       if not id then redis.call('ZREM', qk, member) end  -- not an entry of ours
       if indexed then
         consider(class, member, score, meta, indexed)
@@ -232,41 +254,32 @@ local function look_at_class(class, raw)
       end
     end
   elseif redis.call('EXISTS', qk) == 0 then
-    redis.call('HDEL', K('@CLASSES@'), class)
+    unregister_class(class, service)
   end
 end
 
 -- An error on one class (a record no check foresaw) sets that class aside, never the claim.
-local function set_aside(class, err)
+local function set_aside(class, service, err)
   redis.log(redis.LOG_WARNING, 'emp-worker claim: class ' .. printable(class) .. ' set aside: '
     .. printable(err, 300))
-  redis.call('HDEL', K('@CLASSES@'), class)
+  unregister_class(class, service)
   if redis.call('TYPE', K('@CLASS_QUEUE@' .. class))['ok'] ~= 'zset' then redis.call('DEL', K('@CLASS_QUEUE@' .. class)) end
 end
 
-if only_workflow ~= '' then
-  -- A worker restricted to one workflow looks only at that workflow's jobs.
-  local ok, err = pcall(look_at_workflow)
-  if not ok then
-    redis.log(redis.LOG_WARNING, 'emp-worker claim: workflow queue dropped: ' .. printable(err, 300))
-    redis.call('DEL', K('@WF_QUEUE@' .. only_workflow))
+-- Model affinity: the models a candidate's jobs ask for, and whether they are all loaded here
+-- (worked out only when affinity is on and this worker has models loaded).
+local function with_models(c)
+  if c.models == nil then
+    c.models = (affinity_ms > 0 or next(loaded) ~= nil) and wanted_models(c.meta) or {}
+    c.affine = next(loaded) ~= nil and all_loaded_here(c.models)
   end
-else
-  local classes = redis.call('HGETALL', K('@CLASSES@'))
-  for i = 1, #classes, 2 do
-    local ok, err = pcall(look_at_class, classes[i], classes[i + 1])
-    if not ok then set_aside(classes[i], err) end
-  end
+  return c
 end
 
--- Best first: priority, then (model affinity) jobs whose models are loaded here, then FIFO.
-table.sort(candidates, function(a, b)
-  if a.score ~= b.score then return a.score < b.score end
-  if a.affine ~= b.affine then return a.affine end
-  return a.member < b.member
-end)
 -- Take a candidate: its whole hash is checked first (it may have changed since it was indexed);
 -- a malformed one fails for good and the next candidate is taken instead. nil when it failed.
+-- The lease is written first: an index key of the wrong type fails the claim before the job
+-- has left the queue (the claim is then tried again, see below), never with the job held by nobody.
 local function take(c)
   local id = id_of(c.member)
   local jk = K('@JOB@' .. id)
@@ -282,36 +295,89 @@ local function take(c)
     final_fail(id, j, '', 'invalid job: ' .. bad, j['retry_count'], retention, maxlen)
     return nil
   end
-  unindex_job(id, c.class, c.member)
-  redis.call('ZREM', K('@PENDING@'), id)
-  local attempt = redis.call('HINCRBY', jk, 'attempt', 1)
-  local at = iso(now)
-  redis.call('HSET', jk, 'id', id, 'status', 'assigned', 'worker_id', worker, 'assigned_at', at,
-    'emp_claimed_us', now_us(), 'emp_lease_until', tostring(now + lease_ms), 'emp_lease_ms', tostring(lease_ms))
-  redis.call('HDEL', jk, 'emp_reaped_from')
   redis.call('ZADD', K('@LEASES@'), now + lease_ms, id)
-  j = hgetall(jk)
-  redis.call('HSET', K('@ACTIVE@' .. worker), id, cjson.encode(j))
+  unindex_job(id, c.class, c.member, j['workflow_id'] or '')
+  redis.call('ZREM', K('@PENDING@'), id)
+  local attempt = (tonumber(j['attempt']) or 0) + 1
+  local at = iso(now)
+  local set = { id = id, status = 'assigned', worker_id = worker, assigned_at = at, attempt = tostring(attempt),
+    emp_claimed_us = now_us(), emp_lease_until = tostring(now + lease_ms), emp_lease_ms = tostring(lease_ms) }
+  local flat = {}
+  for f, v in pairs(set) do
+    flat[#flat + 1] = f
+    flat[#flat + 1] = v
+    j[f] = v
+  end
+  redis.call('HSET', jk, unpack(flat))
+  if j['emp_reaped_from'] then
+    redis.call('HDEL', jk, 'emp_reaped_from')
+    j['emp_reaped_from'] = nil
+  end
+  local encoded = cjson.encode(j)
+  redis.call('HSET', K('@ACTIVE@' .. worker), id, encoded)
   redis.call('HSET', K('@WORKER@' .. worker), 'status', 'busy', 'current_job_id', id)
   stream_event(id, 'claimed', { worker_id = worker, attempt = attempt }, maxlen, ttl)
   publish('@CH_JOB_CLAIMED@', { job_id = id, worker_id = worker, status = 'claimed',
     claimed_at = at, timestamp = now, attempt = attempt })
-  local out = { attempt, id }
-  for f, v in pairs(j) do out[#out + 1] = f; out[#out + 1] = v end
-  return out
+  return { attempt, id, encoded }
 end
 
--- A fresh job whose models another idle worker has loaded is left to that worker for a moment.
-local wait_ms = nil
-for _, c in ipairs(candidates) do
-  local age = now - c.indexed
-  if affinity_ms > 0 and not c.affine and #c.models > 0 and age < affinity_ms
-    and idle_holder_elsewhere(c.models, c.meta) then
-    wait_ms = math.min(wait_ms or affinity_ms, affinity_ms - age)
+-- Look at the candidates, take the best; {} or {-1, ms} when none was taken.
+local function claim()
+  candidates = {}
+  if only_workflow ~= '' then
+    -- A worker restricted to one workflow looks only at that workflow's jobs.
+    local ok, err = pcall(look_at_workflow)
+    if not ok then
+      redis.log(redis.LOG_WARNING, 'emp-worker claim: workflow queue dropped: ' .. printable(err, 300))
+      redis.call('DEL', K('@WF_QUEUE@' .. only_workflow))
+    end
   else
-    local out = take(c)
-    if out then return out end
+    for _, service in ipairs(services) do
+      local classes = redis.call('HGETALL', K('@CLASSES_OF@' .. service))
+      for i = 1, #classes, 2 do
+        local ok, err = pcall(look_at_class, classes[i], classes[i + 1], service)
+        if not ok then set_aside(classes[i], service, err) end
+      end
+    end
   end
+  if #candidates > 1 then
+    -- Best first: priority, then (model affinity) jobs whose models are loaded here, then FIFO.
+    for _, c in ipairs(candidates) do with_models(c) end
+    table.sort(candidates, function(a, b)
+      if a.score ~= b.score then return a.score < b.score end
+      if a.affine ~= b.affine then return a.affine end
+      return a.member < b.member
+    end)
+  end
+  -- A fresh job whose models another idle worker has loaded is left to that worker for a moment.
+  local wait_ms = nil
+  for _, c in ipairs(candidates) do
+    with_models(c)
+    local age = now - c.indexed
+    if affinity_ms > 0 and not c.affine and #c.models > 0 and age < affinity_ms
+      and idle_holder_elsewhere(c.models, c.meta) then
+      wait_ms = math.min(wait_ms or affinity_ms, affinity_ms - age)
+    else
+      local out = take(c)
+      if out then return out end
+    end
+  end
+  if wait_ms then return { -1, wait_ms } end
+  return {}
 end
-if wait_ms then return { -1, wait_ms } end
-return {}
+
+-- An index key of the wrong type (a foreign write) fails a Redis call: drop those keys, try again.
+local ok, out = pcall(claim)
+if not ok then
+  redis.log(redis.LOG_WARNING, 'emp-worker claim: ' .. printable(out, 300) .. '; healing the index keys')
+  heal_index_keys(services)
+  out = claim()
+end
+
+-- The wake token the hint came from goes on while its job is still pending (lib/wake.lua).
+local hops = ARGV[6] ~= '' and tonumber(ARGV[6]) or nil
+if hops and hint ~= '' and out[2] ~= hint and hops + 1 < MAX_WAKE_HOPS then
+  wake_job(hint, hops + 1, false)
+end
+return out

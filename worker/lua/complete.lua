@@ -16,7 +16,11 @@ local opts = cjson.decode(ARGV[6])
 local retention, maxlen = tonumber(opts['retention_s']), tonumber(opts['stream_maxlen'])
 local ms = now_ms()
 local at = iso(ms)
-local j = hgetall(jk)
+-- the fields read here (not the whole hash: a job's payload may be large)
+local EVENT_FIELDS = { 'workflow_id', 'current_step', 'total_steps', 'workflow_priority', 'workflow_datetime' }
+local values = redis.call('HMGET', jk, 'started_at', 'assigned_at', unpack(EVENT_FIELDS))
+local j = { started_at = values[1], assigned_at = values[2] }
+for i, f in ipairs(EVENT_FIELDS) do j[f] = values[i + 2] end
 local started = to_ms(j['started_at']) or to_ms(j['assigned_at']) or ms
 redis.call('HSET', jk, 'status', 'completed', 'completed_at', at,
   'processing_time', tostring(ms - started), 'result', ARGV[5])
@@ -38,8 +42,7 @@ redis.call('EXPIRE', K('@JOB@' .. id .. '@PROGRESS_HASH_SUFFIX@'), retention)
 stream_event(id, 'completed', { worker_id = worker, attempt = tonumber(attempt) }, maxlen, retention)
 local event = { job_id = id, worker_id = worker, progress = 100, status = 'completed',
   message = 'Job completed successfully', timestamp = ms }
-for _, f in ipairs({ 'workflow_id', 'current_step', 'total_steps', 'workflow_priority',
-  'workflow_datetime' }) do
+for _, f in ipairs(EVENT_FIELDS) do
   if j[f] and j[f] ~= '' then event[f] = tonumber(j[f]) or j[f] end
 end
 local encoded = cjson.encode(event)

@@ -1,4 +1,4 @@
--- requires: clock common untrusted loaded index final_fail requeue fence outage
+-- requires: clock common untrusted loaded index final_fail requeue fence outage reconcile
 -- Heartbeat, one command per beat:
 --  * refresh the worker record, its heartbeat key and workers:active; a live worker's record never
 --    expires (a past deregistration or offline mark set a TTL on it), so what is written to it only
@@ -10,7 +10,10 @@
 --  * once per reap period fleet-wide (a lock), reap: put jobs whose lease expired back in the
 --    queue at their original place (spending an attempt), or fail them when none are left, and
 --    mark workers whose heartbeat key is gone offline; not while the grace period after an
---    outage is open (lib/outage.lua). A job the reaper cannot handle is quarantined.
+--    outage is open (lib/outage.lua). A job the reaper cannot handle is quarantined. The reaper
+--    also runs a reconcile step (lib/reconcile.lua) of REAPER_STEP ids: claims reconcile only
+--    while jobs:pending and emp:indexed differ in size.
+--  * a job put back in the queue, or promoted, wakes one idle worker (lib/wake.lua).
 -- KEYS: none (every key is the prefix in ARGV[1] plus a name from worker/keys.py).
 -- ARGV: 1 prefix, 2 worker id, 3 heartbeat ttl s, 4 status, 5 JSON object of worker fields to
 --       set, 6 JSON object {job id: attempt} of the jobs this worker runs, 7 JSON list of the
@@ -72,7 +75,7 @@ for _, id in ipairs(redis.call('ZRANGEBYSCORE', K('@DELAYED@'), '-inf', ms, 'LIM
   local f = redis.call('HMGET', K('@JOB@' .. id), 'status', 'emp_pending_score')
   if f[1] == 'pending' then
     make_pending(id, f[2])
-    publish('@CH_WAKE@', { job_id = id, timestamp = ms })
+    wake_job(id, 0, false)
     promoted = promoted + 1
   end
 end
@@ -95,16 +98,25 @@ local function reap(id)
       'emp_reaped_from', holder .. '#' .. tostring(j['attempt']))
     requeue(id, j, 0)
     stream_event(id, 'requeued', { reason = err, retry_count = count }, maxlen, retention)
-    publish('@CH_WAKE@', { job_id = id, service_required = j['service_required'], timestamp = ms })
   else
     final_fail(id, j, holder, err, count, retention, maxlen)
   end
   return true
 end
 
+local REAPER_STEP = 256  -- ids of each index set the reaper checks per reap period
 local reaped = 0
 local reaper = redis.call('SET', K('@REAPER_LOCK@'), worker, 'NX', 'PX', tonumber(opts['reap_period_ms']))
-if reaper then heal_index_keys() end
+if reaper then
+  heal_index_keys()
+  -- the membership step that claims skip while jobs:pending and emp:indexed are the same size
+  local ok, err = pcall(function()
+    sweep_pending(REAPER_STEP, retention, maxlen)
+    sweep_indexed(REAPER_STEP)
+    sweep_classes(REAPER_STEP)
+  end)
+  if not ok then redis.log(redis.LOG_WARNING, 'emp-worker reaper: reconcile step failed: ' .. printable(err, 300)) end
+end
 note_away(ms, tonumber(opts['lease_ms']), num_or(opts['away_ms'], 0))
 if reaper and reaping_allowed(ms, tonumber(opts['lease_ms'])) then
   for _, id in ipairs(redis.call('ZRANGEBYSCORE', K('@LEASES@'), '-inf', ms, 'LIMIT', 0, limit)) do

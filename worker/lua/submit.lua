@@ -1,5 +1,6 @@
--- requires: clock common index
--- Submit a job the way emp-job-queue's API does, and index it in the same step.
+-- requires: clock common index wake
+-- Submit a job the way emp-job-queue's API does, index it in the same step, and wake one idle
+-- worker of its service (the job_submitted message says so: emp_woken, for the relays).
 -- KEYS: none (every key is the prefix in ARGV[1] plus a name from worker/keys.py).
 -- ARGV: 1 prefix, 2 job id, 3 emp-job-queue score for jobs:pending, 4 JSON object of job fields.
 -- created_at is stamped from the server clock when the caller leaves it out.
@@ -21,7 +22,8 @@ if string.sub(r, 1, 8) == 'invalid:' then
   redis.call('ZREM', K('@PENDING@'), id)
   return {0, 'invalid job: ' .. string.sub(r, 9)}
 end
+wake_new(id, fields['service_required'])
 publish('@CH_JOB_SUBMITTED@', { job_id = id, service_required = fields['service_required'],
   priority = tonumber(fields['priority']) or 50, customer_id = fields['customer_id'],
-  timestamp = ms })
+  timestamp = ms, emp_woken = true })
 return {1, fields['created_at']}

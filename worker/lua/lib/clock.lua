@@ -1,16 +1,23 @@
 -- requires:
 -- Server-clock time and ISO-8601 timestamps. Time always comes from Redis (TIME), so leases,
 -- ages and timestamps share one clock however skewed the workers' clocks are.
--- provides: now_ms, now_us, iso, to_ms
+-- provides: server_time, now_ms, now_us, iso, to_ms
+
+-- A script is one atomic step: it reads the clock once, and every stamp it writes is that instant.
+local script_time = nil
+local function server_time()
+  if not script_time then script_time = redis.call('TIME') end
+  return script_time
+end
 
 local function now_ms()
-  local t = redis.call('TIME')
+  local t = server_time()
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 
 -- Microseconds since the epoch, as an exact decimal string (pickup latency is sub-millisecond).
 local function now_us()
-  local t = redis.call('TIME')
+  local t = server_time()
   return t[1] .. string.format('%06d', tonumber(t[2]))
 end
 

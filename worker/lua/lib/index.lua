@@ -6,8 +6,11 @@
 -- Everything it reads is untrusted: numbers are checked before any ZADD, a field written by an
 -- earlier indexing (emp_member, emp_class, emp_score) is used only when it is well formed, and a
 -- garbage emp:seq starts again.
--- provides: check_id, check_job, job_when, next_seq, earlier_place, index_job, make_pending,
---   unindex_job, heal_index_keys
+-- Classes are registered twice: in emp:classes (every class: reconcile and status walk it) and
+-- in emp:classes:{service} (a claim reads only the services its worker serves, so its cost does
+-- not grow with classes it cannot run). Both hold class id -> {service, requirements, customer_id}.
+-- provides: check_id, check_job, job_when, next_seq, earlier_place, register_class,
+--   unregister_class, index_job, make_pending, unindex_job, heal_index_keys
 
 local MAX_SERVICE_LEN = 128
 local MAX_REQUIREMENTS_LEN = 16384
@@ -92,6 +95,16 @@ local function earlier_place(id, j)
   return member, class, score
 end
 
+local function register_class(class, meta_json, service)
+  redis.call('HSETNX', K('@CLASSES@'), class, meta_json)
+  redis.call('HSETNX', K('@CLASSES_OF@' .. service), class, meta_json)
+end
+
+local function unregister_class(class, service)
+  redis.call('HDEL', K('@CLASSES@'), class)
+  if type(service) == 'string' then redis.call('HDEL', K('@CLASSES_OF@' .. service), class) end
+end
+
 local function index_job(id)
   local jk = K('@JOB@' .. id)
   local kind = redis.call('TYPE', jk)['ok']
@@ -111,8 +124,8 @@ local function index_job(id)
   local cust = j['customer_id'] or ''
   -- a class leaves emp:classes when its queue empties; (re)register it whenever a job enters
   local function register(class)
-    redis.call('HSETNX', K('@CLASSES@'), class, cjson.encode({
-      service = j['service_required'], requirements = req, customer_id = cust }))
+    register_class(class, cjson.encode({ service = j['service_required'], requirements = req,
+      customer_id = cust }), j['service_required'])
   end
   -- a job of a workflow is also queued by workflow, for workers restricted to one workflow
   local function zadd(key, score, member)
@@ -153,10 +166,12 @@ local function make_pending(id, pending_score)
   return index_job(id)
 end
 
-local function unindex_job(id, class, member)
+-- workflow: the job's workflow_id when the caller read it ('' for none; nil: read it here)
+local function unindex_job(id, class, member, workflow)
   if class and member then
     redis.pcall('ZREM', K('@CLASS_QUEUE@' .. class), member)  -- a key of another type is replaced when next indexed
-    local wf = redis.pcall('HGET', K('@JOB@' .. id), 'workflow_id')
+    local wf = workflow
+    if wf == nil then wf = redis.pcall('HGET', K('@JOB@' .. id), 'workflow_id') end
     if type(wf) == 'string' and wf ~= '' then redis.pcall('ZREM', K('@WF_QUEUE@' .. wf), member) end
   end
   redis.call('SREM', K('@INDEXED@'), id)
@@ -164,10 +179,18 @@ end
 
 -- Our index keys of the wrong Redis type are dropped (a script would fail on each of them);
 -- emp:classes and emp:indexed go together, and reconcile rebuilds both from jobs:pending.
+-- services: the per-service class hashes to look at too (a claim's services), when given.
 local OWN_KEYS = { { '@SEQ@', 'string' }, { '@LEASES@', 'zset' }, { '@DELAYED@', 'zset' },
   { '@RECONCILE_CURSOR@', 'hash' }, { '@OUTAGE@', 'hash' }, { '@QUARANTINE@', 'hash' } }
 
-local function heal_index_keys()
+local function heal_index_keys(services)
+  for _, service in ipairs(services or {}) do
+    local t = redis.call('TYPE', K('@CLASSES_OF@' .. service))['ok']
+    if t ~= 'hash' and t ~= 'none' then
+      redis.log(redis.LOG_WARNING, 'emp-worker: the class index of a service was not readable; rebuilding it')
+      redis.call('DEL', K('@CLASSES_OF@' .. service), K('@INDEXED@'))
+    end
+  end
   local classes = redis.call('TYPE', K('@CLASSES@'))['ok']
   local indexed = redis.call('TYPE', K('@INDEXED@'))['ok']
   if (classes ~= 'hash' and classes ~= 'none') or (indexed ~= 'set' and indexed ~= 'none') then
