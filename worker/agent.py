@@ -236,7 +236,7 @@ class Worker:
             for task in [*background, *self._starting.values()]:
                 task.cancel()
             await asyncio.gather(*background, *self._starting.values(), return_exceptions=True)
-            await self._hand_on()
+            await self._stop_waiting()
             await self._deregister()
             await asyncio.gather(*(engine.stop() for engine in self.engines))
             await self.outputs.close()
@@ -531,7 +531,7 @@ class Worker:
         if message.get("channel") != self.keys.ch_job_submitted or data.get("emp_woken") is True:
             return  # our own submit pushed its wake token already
         service = data.get("service_required")
-        room = self.ads.services(with_room=True) if self._slots_free() else []
+        room = self.ads.services(with_room=True) if self._slots_free() and not self.stopping.is_set() else []
         if (service is None and room) or (isinstance(service, str) and service in room):
             if job_id:  # claimed here, or passed on by the claim script (hops=0)
                 self.hints.append(job_id)
@@ -556,9 +556,7 @@ class Worker:
                 await wait_for_event(self.stopping, delay)
             self.turns["claim"] = time.monotonic()
         self.turns.pop("claim", None)  # a loop that ended on purpose is no stalled loop
-        await self._hand_on()
-        await self.waiter.close()
-        await self.relays.close()
+        await self._stop_waiting()  # now, not after the drain: what this slot holds goes on at once
 
     async def _claim_once(self, backoff: Backoff) -> None:
         """One claim when a place is free, then the wait until the next one."""
@@ -603,6 +601,11 @@ class Worker:
         await self.waiter.stand_down()
         while self.hints:
             self.relays.forward(self.hints.popleft())
+
+    async def _stop_waiting(self) -> None:
+        await self._hand_on()
+        await self.waiter.close()
+        await self.relays.close()
 
     async def _idle_if_done(self) -> None:
         """BUSY -> IDLE once a claim finds nothing to start and no job runs: back-to-back jobs keep

@@ -13,13 +13,16 @@ import json
 import uuid
 from typing import Any
 
+import pytest
 import redis.asyncio as aioredis
 
 from tests.conftest import WorkerFactory, wait_until
 from worker.agent import Worker, WorkerState
 from worker.client import Client
+from worker.errors import ConfigError
 from worker.keys import Keys
 from worker.queue import Queue, QueueConfig
+from worker.settings import load_settings
 from worker.wake import Waiter
 
 SLOW_POLL = 60.0
@@ -221,3 +224,11 @@ async def test_garbage_on_a_wake_list_never_breaks_the_waiter(
     job = await _completed(client, await client.submit("simulation", JOB))
     assert int(job["emp_claimed_us"]) - int(job["emp_submitted_us"]) < 1_000_000
     await _all_waiting([worker])
+
+
+@pytest.mark.parametrize(("value", "why"), [("-1", "greater than or equal to 0"), ("17", "less than or equal to 16"),
+                                            ("two", "a valid integer")])
+def test_a_bad_relay_count_is_one_line(value: str, why: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(wake_relays=value)
+    assert str(caught.value).startswith(f"EMP_WAKE_RELAYS={value!r}: Input should be ") and why in str(caught.value)
