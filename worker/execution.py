@@ -25,7 +25,7 @@ from worker.guard import INTERRUPT_TIMEOUT_S, PluggedConnector
 from worker.outputs import OutputPlacer
 from worker.progress import ProgressReporter
 from worker.protocol import Job, read_int
-from worker.queue import Claimed, Queue
+from worker.queue import Claimed, ProgressUpdate, Queue
 from worker.retry import Backoff, retry_backoff_ms
 from worker.settings import Settings
 
@@ -110,19 +110,25 @@ class Executor:
         self, engine: PluggedConnector, job: Job, running: RunningJob
     ) -> tuple[dict[str, Any] | None, JobError | None]:
         s = self.settings
-        reporter = ProgressReporter(
-            send=lambda u: self.queue.progress(job.id, self.worker_id, job.attempt, u),
-            rate_hz=s.progress_rate_hz,
-            on_stale=lambda why: running.stop(StopReason.STALE),
-        )
+        # The connector starts at once; the start write goes to Redis meanwhile, and whatever is
+        # written for this job after it (progress, the outcome) waits for it, so Redis sees
+        # started -> progress -> outcome in that order (one round trip less before the connector runs).
+        started = asyncio.create_task(self._mark_started(job, running), name=f"start-{job.id}")
+
+        async def send(update: ProgressUpdate) -> None:
+            await started
+            await self.queue.progress(job.id, self.worker_id, job.attempt, update)
+
+        reporter = ProgressReporter(send=send, rate_hz=s.progress_rate_hz,
+                                    on_stale=lambda why: running.stop(StopReason.STALE))
         running.ctx = JobContext(job, reporter.report, log.getChild(job.service),
                                  previews=s.progress_previews, preview_max_bytes=s.preview_max_bytes)
-        await self._mark_started(job, running)
         reporter.start()
         try:
             return await self._run_connector(engine, job, running)
         finally:
             await reporter.close()
+            await started
 
     async def _mark_started(self, job: Job, running: RunningJob) -> None:
         """``in_progress`` and ``started_at`` as the connector starts, as their worker writes them
