@@ -572,7 +572,7 @@ class Worker:
         try:
             began = time.perf_counter()
             self.claim_calls += 1
-            claimed = await self.queue.claim_or_defer(self.worker_id, self.capabilities(), hint, hops=hops)
+            claimed = await self.queue.claim_or_defer(self.worker_id, self.capabilities(), hint, hops=hops, start=True)
             if self.metrics is not None:
                 self.metrics.claim_took(time.perf_counter() - began)
             backoff.reset()
@@ -591,7 +591,7 @@ class Worker:
         if isinstance(claimed, Deferred):  # left to a worker with its models loaded: look again
             await wait_for_event(self.wake, min(poll, claimed.retry_in_ms / 1000 + 0.01))
         elif not self.hints and not self.waiter.ready:
-            timeout = poll * random.uniform(0.8, 1.2)
+            timeout = poll * random.uniform(0.6, 1.4)  # wide: a fleet idle after a drain falls out of step
             self.waiter.listen(room, timeout)  # a token, or its timeout (the slow poll), sets self.wake
             await wait_for_event(self.wake, timeout + READ_MARGIN_S)
 

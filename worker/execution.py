@@ -95,7 +95,7 @@ class Executor:
                                     retryable=True, retries=job.retry_count)
         # DEBUG: the one INFO line a job gets is its outcome's (completed / failed / handed back)
         log.debug("job %s claimed (attempt %d, service %s)", job_id, attempt, job.service)
-        result, error = await self._run_with_progress(engine, job, running)
+        result, error = await self._run_with_progress(engine, job, running, claimed.started)
         try:
             await self._on_finished()
         except Exception as exc:  # an optimisation (affinity): never let it cost the outcome
@@ -107,13 +107,18 @@ class Executor:
                 await asyncio.to_thread(running.ctx.cleanup)
 
     async def _run_with_progress(
-        self, engine: PluggedConnector, job: Job, running: RunningJob
+        self, engine: PluggedConnector, job: Job, running: RunningJob, claimed_started: bool
     ) -> tuple[dict[str, Any] | None, JobError | None]:
         s = self.settings
         # The connector starts at once; the start write goes to Redis meanwhile, and whatever is
         # written for this job after it (progress, the outcome) waits for it, so Redis sees
         # started -> progress -> outcome in that order (one round trip less before the connector runs).
-        started = asyncio.create_task(self._mark_started(job, running), name=f"start-{job.id}")
+        started: asyncio.Future[None]
+        if claimed_started:
+            started = asyncio.get_running_loop().create_future()
+            started.set_result(None)
+        else:
+            started = asyncio.create_task(self._mark_started(job, running), name=f"start-{job.id}")
 
         async def send(update: ProgressUpdate) -> None:
             await started

@@ -76,6 +76,7 @@ class Claimed:
     attempt: int
     job_id: str
     fields: dict[str, str]
+    started: bool = False  # marked started by the claim itself (Queue.claim_or_defer's `start`)
 
 
 @dataclass(frozen=True)
@@ -182,14 +183,17 @@ class Queue:
         return got if isinstance(got, Claimed) else None
 
     async def claim_or_defer(
-        self, worker_id: str, capabilities: Mapping[str, Any], hint: str = "", hops: int | None = None
+        self, worker_id: str, capabilities: Mapping[str, Any], hint: str = "", hops: int | None = None,
+        *, start: bool = False,
     ) -> Claimed | Deferred | None:
         """`hint`: a job to index first (a job_submitted or wake-token id); `hops`: the hop count
         of the wake token it came from, if it did: the script passes the token on to the next idle
-        worker of the job's service when this claim leaves that job pending."""
+        worker of the job's service when this claim leaves that job pending. `start`: the job goes
+        to its connector at once, so the claim marks it started too (what `start` does, without
+        its round trip); the Claimed says so."""
         try:
             reply = await self._run_undecoded("claim", worker_id, json.dumps(capabilities), hint[:MAX_HINT_CHARS],
-                                              self._options, "" if hops is None else str(hops))
+                                              self._options, "" if hops is None else str(hops), "1" if start else "")
         except ResponseError as exc:  # a script error is a bug or a foreign record; never silent
             raise RedisUnavailable(f"claim script failed: {exc}") from exc
         if not reply:
@@ -197,7 +201,7 @@ class Queue:
         if int(reply[0]) == -1:
             return Deferred(int(reply[1]))
         fields = json.loads(decode_reply(reply[2]))  # one JSON object: cheaper to parse than 2n strings
-        return Claimed(int(reply[0]), decode_reply(reply[1]), {str(k): str(v) for k, v in fields.items()})
+        return Claimed(int(reply[0]), decode_reply(reply[1]), {str(k): str(v) for k, v in fields.items()}, start)
 
     async def wake(self, job_id: str) -> bool:
         """Wake one idle worker for a pending job (a relay's answer to job_submitted): push a wake

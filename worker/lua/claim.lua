@@ -10,7 +10,10 @@
 --         0: off),
 --       6 the hops of the wake token the hint came from ('' when it came from none): when the
 --         hinted job is still pending after this claim (this worker cannot run it, or took a
---         better one), the token goes on to the next idle worker of its service (lib/wake.lua).
+--         better one), the token goes on to the next idle worker of its service (lib/wake.lua),
+--       7 '1': the worker hands the job to its connector at once: mark it started here too
+--         (in_progress, started_at, the progress hash and a `started` event, as start.lua does),
+--         one round trip less per job; '' leaves it assigned until start.lua.
 -- Returns {} when nothing matches, {-1, ms} when a job was left to a worker that has its models
 -- loaded (claim again after ms), else {attempt, job id, job JSON} (the job hash as it is now,
 -- one JSON object of its fields; the id is the one of the key claimed, whatever the hash says).
@@ -31,6 +34,7 @@ local maxlen, ttl, retention = tonumber(opts['stream_maxlen']), tonumber(opts['s
 local exclude_ms = tonumber(opts['retry_exclusion_ms'])
 local now = now_ms()
 local hint = ARGV[4]
+local start_now = ARGV[7] == '1'
 
 -- The services this worker serves (each once, at most 64: untrusted in the sense that a plugin
 -- builds them).
@@ -302,6 +306,10 @@ local function take(c)
   local at = iso(now)
   local set = { id = id, status = 'assigned', worker_id = worker, assigned_at = at, attempt = tostring(attempt),
     emp_claimed_us = now_us(), emp_lease_until = tostring(now + lease_ms), emp_lease_ms = tostring(lease_ms) }
+  if start_now then
+    set['status'] = 'in_progress'
+    set['started_at'] = at
+  end
   local flat = {}
   for f, v in pairs(set) do
     flat[#flat + 1] = f
@@ -319,6 +327,13 @@ local function take(c)
   stream_event(id, 'claimed', { worker_id = worker, attempt = attempt }, maxlen, ttl)
   publish('@CH_JOB_CLAIMED@', { job_id = id, worker_id = worker, status = 'claimed',
     claimed_at = at, timestamp = now, attempt = attempt })
+  if start_now then
+    local pk = K('@JOB@' .. id .. '@PROGRESS_HASH_SUFFIX@')
+    redis.call('HSET', pk, 'status', 'in_progress', 'updated_at', at)
+    redis.call('EXPIRE', pk, ttl)
+    redis.call('XADD', K('@PROGRESS_STREAM@' .. id), 'MAXLEN', '~', maxlen, '*', 'event', 'started',
+      'data', cjson.encode({ worker_id = worker, attempt = attempt }))
+  end
   return { attempt, id, encoded }
 end
 
