@@ -16,7 +16,7 @@ import redis.asyncio as aioredis
 
 from worker.client import Client
 from worker.keys import Keys
-from worker.queue import MAX_WAKE_HOPS, Queue, QueueConfig, parse_wake_token
+from worker.queue import MAX_WAKE_HOPS, Claimed, Queue, QueueConfig, parse_wake_token
 
 CAPS: dict[str, Any] = {"services": ["simulation"], "hardware": {"gpu_memory_gb": 24}, "models": {},
                         "customer_access": {}, "custom": {}}
@@ -116,7 +116,7 @@ async def test_a_claim_that_starts_its_job_writes_what_start_would(
     job_id = await client.submit("simulation", {"n": 1})
     queue = Queue(redis, keys, QueueConfig(affinity_ms=0))
     got = await queue.claim_or_defer("w1", CAPS, start=True)
-    assert got is not None and not isinstance(got, int)
+    assert isinstance(got, Claimed)
     job = await client.get(job_id)
     assert job["status"] == "in_progress" and job["started_at"] == job["assigned_at"]
     assert got.fields["status"] == "in_progress" and got.fields["payload"] == json.dumps({"n": 1})
@@ -178,7 +178,7 @@ async def test_a_claim_that_leaves_the_hinted_job_pending_passes_its_token_on(
     assert await _tokens(redis, keys) == []  # the last hop: the slow poll and busy workers' claims remain
     caps_48 = {**CAPS, "hardware": {"gpu_memory_gb": 48}}
     got = await queue.claim_or_defer("large", caps_48, big, hops=1)
-    assert got is not None and not isinstance(got, int) and got.job_id == big
+    assert isinstance(got, Claimed) and got.job_id == big
     assert await _tokens(redis, keys) == []  # taken: nothing to pass on
     assert await client.get(big) and not await queue.pass_on(3, big)  # nor to hand back
 
