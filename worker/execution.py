@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from connectors.base import JobCancelled, JobContext, Outcome, StopReason
-from worker.errors import InvalidJob, JobError, RedisUnavailable, StaleJob
+from worker.errors import InvalidJob, JobError, PermanentJobError, RedisUnavailable, StaleJob
 from worker.guard import INTERRUPT_TIMEOUT_S, PluggedConnector
 from worker.outputs import OutputPlacer
 from worker.progress import ProgressReporter
@@ -32,6 +32,7 @@ from worker.settings import Settings
 log = logging.getLogger("emp.worker")
 
 PERSIST_DEADLINE_S = 600.0
+FIRST_HOLD_S = 0.02  # a job's first progress report waits this long (worker/progress.py)
 STOP_WAIT_S = 10.0
 MAX_ERROR_CHARS = 4000
 
@@ -95,20 +96,22 @@ class Executor:
                                     retryable=True, retries=job.retry_count)
         # DEBUG: the one INFO line a job gets is its outcome's (completed / failed / handed back)
         log.debug("job %s claimed (attempt %d, service %s)", job_id, attempt, job.service)
-        result, error = await self._run_with_progress(engine, job, running, claimed.started)
+        result, error, folded = await self._run_with_progress(engine, job, running, claimed.started)
         try:
             await self._on_finished()
         except Exception as exc:  # an optimisation (affinity): never let it cost the outcome
             log.warning("could not record loaded models: %s: %s", type(exc).__name__, exc)
         try:
-            return await self._record(job, running, result, error)
+            return await self._record(job, running, result, error, folded)
         finally:
             if running.ctx is not None and running.ctx.has_temp_dir:  # most jobs make none: no thread hop
                 await asyncio.to_thread(running.ctx.cleanup)
 
     async def _run_with_progress(
         self, engine: PluggedConnector, job: Job, running: RunningJob, claimed_started: bool
-    ) -> tuple[dict[str, Any] | None, JobError | None]:
+    ) -> tuple[dict[str, Any] | None, JobError | None, ProgressUpdate | None]:
+        """The connector's result or error, and its last progress report when it is still to be
+        written (folded into the outcome's write)."""
         s = self.settings
         # The connector starts at once; the start write goes to Redis meanwhile, and whatever is
         # written for this job after it (progress, the outcome) waits for it, so Redis sees
@@ -125,14 +128,17 @@ class Executor:
             await self.queue.progress(job.id, self.worker_id, job.attempt, update)
 
         reporter = ProgressReporter(send=send, rate_hz=s.progress_rate_hz,
-                                    on_stale=lambda why: running.stop(StopReason.STALE))
+                                    on_stale=lambda why: running.stop(StopReason.STALE), first_hold_s=FIRST_HOLD_S)
         running.ctx = JobContext(job, reporter.report, log.getChild(job.service),
                                  previews=s.progress_previews, preview_max_bytes=s.preview_max_bytes)
         reporter.start()
         try:
-            return await self._run_connector(engine, job, running)
+            result, error = await self._run_connector(engine, job, running)
+            # a run that ended on its own: its last report goes to Redis with the outcome
+            folded = await reporter.close(keep_last=result is not None and error is None)
+            return result, error, folded
         finally:
-            await reporter.close()
+            await reporter.close()  # (a no-op once closed above)
             await started
 
     async def _mark_started(self, job: Job, running: RunningJob) -> None:
@@ -174,7 +180,8 @@ class Executor:
         return result, None
 
     async def _record(
-        self, job: Job, running: RunningJob, result: dict[str, Any] | None, error: JobError | None
+        self, job: Job, running: RunningJob, result: dict[str, Any] | None, error: JobError | None,
+        folded: ProgressUpdate | None = None,
     ) -> Outcome:
         # A run that ended on its own keeps its result even if a stop came while it was recorded
         # (a drain landing then must not throw finished work away); the fence still refuses a
@@ -194,26 +201,35 @@ class Executor:
                 result = await self.outputs.place(job, running.ctx.outputs, result)
             except JobError as exc:  # a store failed, or the job's storage request is wrong
                 error = exc
+        encoded = ""
+        if error is None and result is not None:
+            encoded, error = self._encode(result)
         if error is not None or result is None:
+            if folded is not None:  # a failing job's last report goes on its own
+                with contextlib.suppress(StaleJob, RedisUnavailable):
+                    await self.queue.progress(job.id, self.worker_id, job.attempt, folded)
             message = str(error) if error is not None else "job stopped"
             retryable = error.retryable if error is not None else True
             return await self._fail(job.id, job.attempt, message, retryable=retryable, retries=job.retry_count)
-        try:
-            encoded = json.dumps(result, allow_nan=False)
-        except (TypeError, ValueError) as exc:
-            return await self._fail(job.id, job.attempt, f"the connector's result is not JSON: {exc}",
-                                    retryable=False, retries=job.retry_count)
-        if len(encoded.encode()) > self.settings.max_result_bytes:
-            return await self._fail(
-                job.id, job.attempt,
-                f"result is {len(encoded.encode())} bytes; the limit is {self.settings.max_result_bytes} "
-                "(EMP_MAX_RESULT_BYTES): hand large outputs to ctx.add_output instead",
-                retryable=False, retries=job.retry_count)
         envelope = json.dumps({"output_files": result["output_files"]}) if "output_files" in result else "{}"
-        if await self._persist(lambda: self.queue.complete(job.id, self.worker_id, job.attempt, encoded, envelope)):
+        if await self._persist(lambda: self.queue.complete(job.id, self.worker_id, job.attempt, encoded, envelope,
+                                                           last_progress=folded)):
             log.info("job %s completed", job.id)
             return Outcome.COMPLETED
         return Outcome.DROPPED
+
+    def _encode(self, result: dict[str, Any]) -> tuple[str, JobError | None]:
+        """The result as the JSON Redis keeps, or why it cannot be kept."""
+        try:
+            encoded = json.dumps(result, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            return "", PermanentJobError(f"the connector's result is not JSON: {exc}")
+        size = len(encoded.encode())
+        if size > self.settings.max_result_bytes:
+            return "", PermanentJobError(
+                f"result is {size} bytes; the limit is {self.settings.max_result_bytes} "
+                "(EMP_MAX_RESULT_BYTES): hand large outputs to ctx.add_output instead")
+        return encoded, None
 
     async def fail_unexpected(self, claimed: Claimed, exc: BaseException) -> Outcome:
         """A bug between claim and outcome: fail the attempt (retryable) instead of leaving the

@@ -1,5 +1,7 @@
 """Progress coalescing: a connector may report thousands of times a second; Redis gets at most
-`rate_hz` updates per job per second, and always the last one."""
+`rate_hz` updates per job per second, and always the last one. A job's first report is held for
+`first_hold_s`: a job that ends sooner (a no-op, a cached result) has its last report folded into
+its outcome's write (`close(keep_last=True)`) instead of a round trip of its own."""
 
 from __future__ import annotations
 
@@ -38,8 +40,11 @@ class ProgressReporter:
         send: Callable[[ProgressUpdate], Awaitable[None]],
         rate_hz: float,
         on_stale: Callable[[str], None],
+        first_hold_s: float = 0.0,
     ) -> None:
         self._send = send
+        self._first_hold_s = first_hold_s
+        self._keep_last = False
         self._throttle = Throttle(rate_hz)
         self._latest: ProgressUpdate | None = None
         self._wake = asyncio.Event()
@@ -69,14 +74,19 @@ class ProgressReporter:
         self._throttle.sent(time.monotonic())
 
     async def _loop(self) -> None:
+        first = True
         while not self._closing:
             await self._wake.wait()
             self._wake.clear()
             delay = self._throttle.delay(time.monotonic())
+            if first:
+                delay, first = max(delay, self._first_hold_s), False
             if delay > 0 and not self._closing:
                 with contextlib.suppress(TimeoutError):
                     # the rate limit itself; closing cuts it short
                     await asyncio.wait_for(self._closed_event(), timeout=delay)
+            if self._closing and self._keep_last:
+                return  # close() takes the pending update
             await self._flush()
 
     async def _closed_event(self) -> None:
@@ -84,11 +94,17 @@ class ProgressReporter:
             await self._wake.wait()
             self._wake.clear()
 
-    async def close(self) -> None:
-        """Send the last pending update (never dropped), then stop."""
+    async def close(self, keep_last: bool = False) -> ProgressUpdate | None:
+        """Stop; the last pending update is never dropped: it is sent, or with `keep_last`
+        returned for the caller to write with the job's outcome (None when none is pending)."""
+        self._keep_last = keep_last
         self._closing = True
         self._wake.set()
         if self._task is not None:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        if keep_last:
+            update, self._latest = self._latest, None
+            return update
         await self._flush()
+        return None

@@ -127,6 +127,15 @@ def _progress_extra(update: ProgressUpdate) -> str:
     return json.dumps(extra) if extra else ""
 
 
+def _progress_fields(update: ProgressUpdate) -> dict[str, Any]:
+    """A progress report as complete.lua's `progress` option (progress.lua's arguments, by name)."""
+    fields: dict[str, Any] = {"progress": update.progress, "message": update.message,
+                              "current_step": _opt(update.current_step), "total_steps": _opt(update.total_steps),
+                              "estimated_completion": eta_iso(update.eta_s)}
+    fields.update(json.loads(_progress_extra(update) or "{}"))
+    return fields
+
+
 def _opt(value: int | None) -> str:
     return "" if value is None else str(value)
 
@@ -245,9 +254,17 @@ class Queue:
         )
         self._fenced(reply, job_id)
 
-    async def complete(self, job_id: str, worker_id: str, attempt: int, result: str, envelope: str = "{}") -> None:
-        """`result`: the connector's output (JSON); `envelope`: more JobResult fields (a JSON object)."""
-        options = self._options if envelope == "{}" else json.dumps({**self._config_options, "envelope": envelope})
+    async def complete(self, job_id: str, worker_id: str, attempt: int, result: str, envelope: str = "{}",
+                       last_progress: ProgressUpdate | None = None) -> None:
+        """`result`: the connector's output (JSON); `envelope`: more JobResult fields (a JSON object);
+        `last_progress`: the job's last progress report, not sent on its own (its event goes out
+        first, in the same step)."""
+        extra: dict[str, Any] = {}
+        if envelope != "{}":
+            extra["envelope"] = envelope
+        if last_progress is not None:
+            extra["progress"] = _progress_fields(last_progress)
+        options = json.dumps({**self._config_options, **extra}) if extra else self._options
         reply = await self._run("complete", job_id, worker_id, attempt, result, options)
         self._fenced(reply, job_id)
 

@@ -1,8 +1,11 @@
--- requires: clock common fence
+-- requires: clock common fence progress_event
 -- Complete a held job, exactly once.
 -- KEYS: none (every key is the prefix in ARGV[1] plus a name from worker/keys.py).
 -- ARGV: 1 prefix, 2 job id, 3 worker id, 4 attempt, 5 result JSON (the connector's output),
---       6 options JSON: retention_s, stream_maxlen, envelope (JSON object: more JobResult fields).
+--       6 options JSON: retention_s, stream_maxlen, stream_ttl_s, envelope (JSON object: more
+--         JobResult fields), progress (the job's last progress report when it was not sent on
+--         its own: {progress, message, current_step, total_steps, estimated_completion, data,
+--         preview, preview_type}; its event goes out first, as progress.lua would send it).
 -- The job's `result` field keeps the connector's output; `jobs:completed` and `complete_job` carry
 -- their JobResult envelope {success, data, processing_time_ms, ...}, as their worker writes it.
 -- The envelope is spliced as text (cjson would turn the output's [] into {}).
@@ -15,6 +18,9 @@ if stale then return {0, stale} end
 local opts = cjson.decode(ARGV[6])
 local retention, maxlen = tonumber(opts['retention_s']), tonumber(opts['stream_maxlen'])
 local ms = now_ms()
+if type(opts['progress']) == 'table' then
+  progress_event(id, worker, opts['progress'], ms, maxlen, tonumber(opts['stream_ttl_s']))
+end
 local at = iso(ms)
 -- the fields read here (not the whole hash: a job's payload may be large)
 local EVENT_FIELDS = { 'workflow_id', 'current_step', 'total_steps', 'workflow_priority', 'workflow_datetime' }

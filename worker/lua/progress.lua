@@ -1,4 +1,4 @@
--- requires: clock common fence
+-- requires: clock common fence progress_event
 -- Record progress of a held job.
 -- KEYS: none (every key is the prefix in ARGV[1] plus a name from worker/keys.py).
 -- ARGV: 1 prefix, 2 job id, 3 worker id, 4 attempt, 5 progress (0-100), 6 message,
@@ -25,17 +25,8 @@ end
 redis.call('HSET', K('@JOB@' .. id .. '@PROGRESS_HASH_SUFFIX@'), 'progress', ARGV[5],
   'status', 'in_progress', 'message', ARGV[6], 'updated_at', at)
 redis.call('EXPIRE', K('@JOB@' .. id .. '@PROGRESS_HASH_SUFFIX@'), ttl)
-local data = { job_id = id, worker_id = worker, progress = progress, status = 'in_progress',
-  message = ARGV[6], timestamp = ms }
-if ARGV[7] ~= '' then data['current_step'] = tonumber(ARGV[7]) end
-if ARGV[8] ~= '' then data['total_steps'] = tonumber(ARGV[8]) end
-if ARGV[9] ~= '' then data['estimated_completion'] = ARGV[9] end
 local extra = ARGV[10] ~= '' and cjson.decode(ARGV[10]) or {}
-if type(extra['data']) == 'table' then data['data'] = extra['data'] end
-publish('@CH_PROGRESS@', data)
-if type(extra['preview']) == 'string' then
-  data['preview'] = extra['preview']
-  data['preview_type'] = extra['preview_type']
-end
-stream_event(id, 'progress', data, maxlen, ttl)
+progress_event(id, worker, { progress = progress, message = ARGV[6], current_step = ARGV[7],
+  total_steps = ARGV[8], estimated_completion = ARGV[9], data = extra['data'], preview = extra['preview'],
+  preview_type = extra['preview_type'] }, ms, maxlen, ttl)
 return {1}
