@@ -11,10 +11,9 @@ survives errors, so that none waits on another:
   concurrently and each with a timeout; it retries connectors whose ``start()`` failed;
 * the **listener** reads ``cancel_job`` on one pub/sub connection, and ``job_submitted`` too when
   the slot is a wake relay (worker/wake.py);
-* the **claim loop** claims while a place is free, then waits for a wake token (BLPOP on its
-  services' wake lists, worker/wake.py: a job wakes one idle worker, not all), a local event (a
-  freed place, a promoted retry, a relay's job_submitted) or, at the BLPOP's timeout, a jittered
-  slow poll.
+* the **claim loop** claims while a place is free, then waits for a wake token (worker/wake.py:
+  a job wakes one idle worker, not all), a local event (a freed place, a relay's job_submitted) or,
+  at the wait's timeout, a jittered slow poll.
 
 Running one job is worker/execution.py; what the slot advertises is worker/advertise.py; every
 call into connector code is guarded by worker/guard.py. worker/daemon.py runs one Worker per GPU.
@@ -459,18 +458,12 @@ class Worker:
 
     # --- pub/sub -----------------------------------------------------------------------------------
 
-    def _channels(self) -> set[str]:
-        """cancel_job for every slot; job_submitted for wake relays only (worker/wake.py)."""
-        if self.relays.is_relay:
-            return {self.keys.ch_cancel, self.keys.ch_job_submitted}
-        return {self.keys.ch_cancel}
-
     async def _listen(self) -> None:
         backoff = Backoff()
         while True:
             pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
             try:
-                channels = self._channels()
+                channels = self.relays.channels()
                 await pubsub.subscribe(*channels)
                 if backoff.failures:
                     log.info("reconnected to Redis pub/sub")
@@ -486,13 +479,7 @@ class Worker:
                         continue
                     if message is not None:
                         self._on_message(message)
-                    if self._channels() != channels:  # became a relay, or stopped being one
-                        wanted = self._channels()
-                        if wanted - channels:
-                            await pubsub.subscribe(*(wanted - channels))
-                        if channels - wanted:
-                            await pubsub.unsubscribe(*(channels - wanted))
-                        channels = wanted
+                    channels = await self.relays.follow(pubsub, channels)  # became a relay, or stopped
             except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
                 delay = backoff.next_delay()
                 log.warning("pub/sub connection lost (%s); reconnecting in %.1fs",
@@ -599,8 +586,7 @@ class Worker:
         """No free place (or stopping): the next token goes to a worker that has one (the BLPOP in
         flight is unblocked), and the tokens and job_submitted ids held here go on to others."""
         await self.waiter.stand_down()
-        while self.hints:
-            self.relays.forward(self.hints.popleft())
+        self.relays.forward_all(self.hints)
 
     async def _stop_waiting(self) -> None:
         await self._hand_on()

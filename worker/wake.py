@@ -31,6 +31,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.asyncio.client import PubSub
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import RedisError
@@ -318,6 +319,25 @@ class Relays:
                 log.warning("relay election failed: %s", type(exc).__name__)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stopping.wait(), self.period_s())
+
+    def channels(self) -> set[str]:
+        """What the slot's listener subscribes to: cancel_job, and job_submitted while a relay."""
+        if self.is_relay:
+            return {self.keys.ch_cancel, self.keys.ch_job_submitted}
+        return {self.keys.ch_cancel}
+
+    async def follow(self, pubsub: PubSub, channels: set[str]) -> set[str]:
+        """Subscribe `pubsub` (now on `channels`) to what this worker's relay state wants."""
+        wanted = self.channels()
+        if wanted - channels:
+            await pubsub.subscribe(*(wanted - channels))
+        if channels - wanted:
+            await pubsub.unsubscribe(*(channels - wanted))
+        return wanted
+
+    def forward_all(self, job_ids: deque[str]) -> None:
+        while job_ids:
+            self.forward(job_ids.popleft())
 
     def forward(self, job_id: str) -> None:
         """Turn a job_submitted into a wake token (in the background: the listener never waits)."""
