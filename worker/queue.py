@@ -80,6 +80,17 @@ class Claimed:
 
 
 @dataclass(frozen=True)
+class Completion:
+    """A held job's successful outcome, as Queue.complete writes it."""
+
+    job_id: str
+    attempt: int
+    result: str  # the connector's output, JSON
+    envelope: str = "{}"  # more JobResult fields, a JSON object
+    last_progress: ProgressUpdate | None = None  # its last report, not sent on its own
+
+
+@dataclass(frozen=True)
 class Deferred:
     """Nothing claimed now: a job was left to a worker that has its models loaded."""
 
@@ -125,6 +136,16 @@ def _progress_extra(update: ProgressUpdate) -> str:
         extra["preview"] = base64.b64encode(update.preview).decode()
         extra["preview_type"] = update.preview_type
     return json.dumps(extra) if extra else ""
+
+
+def _claimed(reply: Any, started: bool) -> Claimed | Deferred | None:
+    """The claim script's reply (undecoded) as what the worker got."""
+    if not reply:
+        return None
+    if int(reply[0]) == -1:
+        return Deferred(int(reply[1]))
+    fields = json.loads(decode_reply(reply[2]))  # one JSON object: cheaper to parse than 2n strings
+    return Claimed(int(reply[0]), decode_reply(reply[1]), {str(k): str(v) for k, v in fields.items()}, started)
 
 
 def _progress_fields(update: ProgressUpdate) -> dict[str, Any]:
@@ -200,17 +221,29 @@ class Queue:
         worker of the job's service when this claim leaves that job pending. `start`: the job goes
         to its connector at once, so the claim marks it started too (what `start` does, without
         its round trip); the Claimed says so."""
+        reply = await self._claim(worker_id, capabilities, hint, hops, start)
+        return _claimed(reply, start)
+
+    async def complete_and_claim(
+        self, done: Completion, worker_id: str, capabilities: Mapping[str, Any], hint: str = "",
+        hops: int | None = None, *, start: bool = False,
+    ) -> tuple[str | None, Claimed | Deferred | None]:
+        """Complete `done` (as `complete` does), then claim as `claim_or_defer` does, in one
+        script: a worker going from one job to the next. Returns (None, claim) when the job was
+        completed, (why not, claim) when the fence refused it (the claim is made all the same)."""
+        completion = [done.job_id, str(done.attempt), done.result, self._complete_options(done)]
+        reply = await self._claim(worker_id, capabilities, hint, hops, start, completion)
+        refused = None if int(reply[0]) == 1 else decode_reply(reply[1])
+        return refused, _claimed(reply[2:], start)
+
+    async def _claim(self, worker_id: str, capabilities: Mapping[str, Any], hint: str, hops: int | None,
+                     start: bool, completion: list[str] | None = None) -> Any:
         try:
-            reply = await self._run_undecoded("claim", worker_id, json.dumps(capabilities), hint[:MAX_HINT_CHARS],
-                                              self._options, "" if hops is None else str(hops), "1" if start else "")
+            return await self._run_undecoded(
+                "claim", worker_id, json.dumps(capabilities), hint[:MAX_HINT_CHARS], self._options,
+                "" if hops is None else str(hops), "1" if start else "", *(completion or ()))
         except ResponseError as exc:  # a script error is a bug or a foreign record; never silent
             raise RedisUnavailable(f"claim script failed: {exc}") from exc
-        if not reply:
-            return None
-        if int(reply[0]) == -1:
-            return Deferred(int(reply[1]))
-        fields = json.loads(decode_reply(reply[2]))  # one JSON object: cheaper to parse than 2n strings
-        return Claimed(int(reply[0]), decode_reply(reply[1]), {str(k): str(v) for k, v in fields.items()}, start)
 
     async def wake(self, job_id: str) -> bool:
         """Wake one idle worker for a pending job (a relay's answer to job_submitted): push a wake
@@ -259,14 +292,17 @@ class Queue:
         """`result`: the connector's output (JSON); `envelope`: more JobResult fields (a JSON object);
         `last_progress`: the job's last progress report, not sent on its own (its event goes out
         first, in the same step)."""
-        extra: dict[str, Any] = {}
-        if envelope != "{}":
-            extra["envelope"] = envelope
-        if last_progress is not None:
-            extra["progress"] = _progress_fields(last_progress)
-        options = json.dumps({**self._config_options, **extra}) if extra else self._options
-        reply = await self._run("complete", job_id, worker_id, attempt, result, options)
+        done = Completion(job_id, attempt, result, envelope, last_progress)
+        reply = await self._run("complete", job_id, worker_id, attempt, result, self._complete_options(done))
         self._fenced(reply, job_id)
+
+    def _complete_options(self, done: Completion) -> str:
+        extra: dict[str, Any] = {}
+        if done.envelope != "{}":
+            extra["envelope"] = done.envelope
+        if done.last_progress is not None:
+            extra["progress"] = _progress_fields(done.last_progress)
+        return json.dumps({**self._config_options, **extra}) if extra else self._options
 
     async def fail(
         self, job_id: str, worker_id: str, attempt: int, error: str, *, retryable: bool, backoff_ms: int

@@ -16,7 +16,7 @@ import redis.asyncio as aioredis
 
 from worker.client import Client
 from worker.keys import Keys
-from worker.queue import MAX_WAKE_HOPS, Claimed, Queue, QueueConfig, parse_wake_token
+from worker.queue import MAX_WAKE_HOPS, Claimed, Completion, ProgressUpdate, Queue, QueueConfig, parse_wake_token
 
 CAPS: dict[str, Any] = {"services": ["simulation"], "hardware": {"gpu_memory_gb": 24}, "models": {},
                         "customer_access": {}, "custom": {}}
@@ -210,3 +210,43 @@ async def test_a_wake_list_of_another_type_is_replaced(client: Client, redis: ai
 ])
 def test_wake_tokens_are_parsed_strictly(raw: str | bytes, parsed: tuple[int, str] | None) -> None:
     assert parse_wake_token(raw) == parsed
+
+
+# --- complete the last job and claim the next in one call -------------------------------------------
+
+
+async def test_a_worker_completes_its_job_and_claims_the_next_in_one_call(
+    client: Client, redis: aioredis.Redis, keys: Keys
+) -> None:
+    first, second = [await client.submit("simulation", {"n": n}) for n in range(2)]
+    queue = Queue(redis, keys, QueueConfig(affinity_ms=0))
+    got = await queue.claim_or_defer("w1", CAPS, start=True)
+    assert isinstance(got, Claimed) and got.job_id == first
+    done = Completion(first, got.attempt, json.dumps({"out": 1}), last_progress=ProgressUpdate(100.0, "done"))
+    calls: list[str] = []
+
+    async def finish() -> None:
+        refused, nxt = await queue.complete_and_claim(done, "w1", CAPS, start=True)
+        calls.append(f"{refused}:{nxt.job_id if isinstance(nxt, Claimed) else nxt}")
+
+    commands = await script_commands(redis, keys, finish)
+    assert calls == [f"None:{second}"]
+    assert (await client.get(first))["status"] == "completed" and await client.result(first) == {"out": 1}
+    assert await redis.hexists(keys.completed, first)
+    assert (await client.get(second))["status"] == "in_progress"
+    events = [e[1]["event"] for e in await redis.xrange(keys.progress_stream(first))]
+    assert events[-2:] == ["progress", "completed"]
+    assert len(commands) <= 50, commands  # one script: the completion's writes, then the claim's
+
+
+async def test_a_refused_completion_still_claims(client: Client, redis: aioredis.Redis, keys: Keys) -> None:
+    first, second = [await client.submit("simulation", {"n": n}) for n in range(2)]
+    queue = Queue(redis, keys, QueueConfig(affinity_ms=0))
+    got = await queue.claim_or_defer("w1", CAPS)
+    assert isinstance(got, Claimed) and got.job_id == first
+    refused, nxt = await queue.complete_and_claim(Completion(first, got.attempt + 1, "{}"), "w1", CAPS)
+    assert refused is not None and "attempt" in refused
+    assert isinstance(nxt, Claimed) and nxt.job_id == second
+    assert (await client.get(first))["status"] == "assigned"  # not completed by a stale attempt
+    refused, nxt = await queue.complete_and_claim(Completion(first, got.attempt, "{}"), "w1", CAPS)
+    assert refused is None and nxt is None

@@ -1,4 +1,4 @@
--- requires: clock common untrusted index final_fail reconcile match wake
+-- requires: clock common untrusted index final_fail reconcile match wake complete_job
 -- Claim the best job this worker can run.
 -- KEYS: none (every key is the prefix in ARGV[1] plus a name from worker/keys.py).
 -- ARGV: 1 prefix, 2 worker id, 3 capabilities JSON (see worker/matching.py; without a models
@@ -13,10 +13,14 @@
 --         better one), the token goes on to the next idle worker of its service (lib/wake.lua),
 --       7 '1': the worker hands the job to its connector at once: mark it started here too
 --         (in_progress, started_at, the progress hash and a `started` event, as start.lua does),
---         one round trip less per job; '' leaves it assigned until start.lua.
+--         one round trip less per job; '' leaves it assigned until start.lua,
+--       8-11 a job this worker finished, to complete first ('' in 8 for none): its id, attempt,
+--         result JSON and completion options JSON (lib/complete_job.lua): a worker going from
+--         one job to the next makes one call, not two.
 -- Returns {} when nothing matches, {-1, ms} when a job was left to a worker that has its models
 -- loaded (claim again after ms), else {attempt, job id, job JSON} (the job hash as it is now,
--- one JSON object of its fields; the id is the one of the key claimed, whatever the hash says).
+-- one JSON object of its fields; the id is the one of the key claimed, whatever the hash says);
+-- with a job to complete first, that reply after {1, ''} (completed) or {0, why not}.
 -- A claim reads only the classes of the services this worker serves (emp:classes:{service}),
 -- one head per class; it reconciles only while jobs:pending and emp:indexed differ in size.
 -- Nothing read here stops claiming: a malformed job fails for good with a readable error naming
@@ -35,6 +39,11 @@ local exclude_ms = tonumber(opts['retry_exclusion_ms'])
 local now = now_ms()
 local hint = ARGV[4]
 local start_now = ARGV[7] == '1'
+local completion = nil
+if (ARGV[8] or '') ~= '' then
+  local stale = complete_job(ARGV[8], worker, ARGV[9], ARGV[10], cjson.decode(ARGV[11]))
+  completion = stale and { 0, stale } or { 1, '' }
+end
 
 -- The services this worker serves (each once, at most 64: untrusted in the sense that a plugin
 -- builds them).
@@ -394,5 +403,9 @@ end
 local hops = ARGV[6] ~= '' and tonumber(ARGV[6]) or nil
 if hops and hint ~= '' and out[2] ~= hint and hops + 1 < MAX_WAKE_HOPS then
   wake_job(hint, hops + 1, false)
+end
+if completion then
+  table.insert(out, 1, completion[2])
+  table.insert(out, 1, completion[1])
 end
 return out
