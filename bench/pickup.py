@@ -4,7 +4,10 @@
 
 Runs its own redis-server (so command counts are ours alone) and a real `emp-worker run` process.
 Pickup latency = server time at claim - server time at submit (both stamped inside the Lua
-scripts with TIME, in microseconds), for jobs submitted one at a time to an idle worker.
+scripts with TIME, in microseconds), for jobs submitted one at a time to an idle worker (which
+waits for them with BLPOP on its wake list: the submit pushes the job's wake token there).
+Idle load: what the worker sends once it waits again (its heartbeats, one BLPOP and one claim per
+slow poll).
 Baselines: a Redis PING round trip (the floor), and the 1 s polling loop emp-job-queue's worker
 uses (WORKER_POLL_INTERVAL_MS=1000), run against the same server.
 """
@@ -53,6 +56,17 @@ async def idle_rate(redis: aioredis.Redis, seconds: float) -> float:
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
     return sent / seconds
+
+
+async def waiting_for_tokens(redis: aioredis.Redis, timeout_s: float = 30) -> None:
+    """Wait until a client is blocked in BLPOP (the worker waits for wake tokens: the last job's
+    tail, its next claim and the like, is over)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if any(c.get("cmd") == "blpop" and "b" in c.get("flags", "") for c in await redis.client_list()):
+            return
+        await asyncio.sleep(0.01)  # polling another process's state
+    raise TimeoutError("the worker did not wait for wake tokens")
 
 
 async def wait_status(client: Client, job_id: str, status: str, timeout_s: float = 30) -> dict[str, str]:
@@ -122,6 +136,7 @@ async def measure(url: str, jobs: int, idle_s: float) -> dict[str, Any]:
             await asyncio.sleep(0.05)  # polling another process's registration
         await pickups(client, 20)  # warm-up
         lat = await pickups(client, jobs)
+        await waiting_for_tokens(client.redis)
         rate = await idle_rate(client.redis, idle_s)
     finally:
         proc.send_signal(signal.SIGTERM)
