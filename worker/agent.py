@@ -52,7 +52,7 @@ from worker.keys import Keys
 from worker.logs import bind
 from worker.outputs import OutputPlacer
 from worker.protocol import is_text, printable, utc_iso
-from worker.queue import Claimed, Deferred, Queue, QueueConfig
+from worker.queue import Claimed, Completion, Deferred, Queue, QueueConfig
 from worker.retry import Backoff, wait_for_event
 from worker.settings import Settings
 from worker.wake import READ_MARGIN_S, Relays, Waiter
@@ -134,10 +134,14 @@ class Worker:
                               host=host or {}, plugins=plugins)
         self.outputs = OutputPlacer(settings, plugins.store_classes() if plugins else builtin_stores.by_name())
         self.executor = Executor(settings, self.queue, worker_id, self._sync_loaded, self.outputs)
+        self.executor.complete_and_claim = self._complete_and_claim
         self.gpu_probe = gpu_probe
         self.metrics = metrics  # None: EMP_METRICS_PORT unset
         self.state = WorkerState.STARTING
         self.running: dict[str, RunningJob] = {}
+        self.finishing = 0  # jobs in self.running whose run ended and whose place is free (_release)
+        self.claim_lock = asyncio.Lock()  # one claim at a time: the claim loop's, or a finished job's
+        self._last_look: tuple[Deferred | None] | None = None  # what a finished job's claim found, if nothing
         self.stopping = asyncio.Event()
         self.fast_stop = asyncio.Event()
         self.wake = asyncio.Event()
@@ -364,7 +368,9 @@ class Worker:
         if beat.reaped:
             log.warning("reaper: %d job(s) with an expired lease put back or failed", beat.reaped)
         for job_id in beat.lost:
-            if job_id in self.running:
+            # (a job whose run is over may have been completed while this beat was under way:
+            # nothing is left to stop, and the fence decides whether its outcome still counts)
+            if job_id in self.running and not self.running[job_id].run_ended:
                 log.warning("job %s is no longer held by %s; stopping it", job_id, self.worker_id)
                 if self.metrics is not None:
                     self.metrics.lease_lost()
@@ -529,7 +535,41 @@ class Worker:
     # --- claiming --------------------------------------------------------------------------------
 
     def _slots_free(self) -> bool:
-        return len(self.running) < self.ads.max_concurrent_jobs
+        return len(self.running) - self.finishing < self.ads.max_concurrent_jobs
+
+    def _release(self, running: RunningJob) -> None:
+        """A job's run ended: its place is free for the next claim, while the job stays in
+        self.running (its lease renewed) until its outcome is written."""
+        if not running.released:
+            running.released = True
+            self.finishing += 1
+            if running.engine is not None:
+                running.engine.running -= 1
+
+    async def _complete_and_claim(self, running: RunningJob, done: Completion) -> bool:
+        """Complete a finished job and claim this slot's next one in one call (the executor's
+        success path). False when this slot does not claim now (stopping, another claim under way,
+        no room): the executor completes the job as usual. StaleJob when the fence refused the
+        completion (the claim stands)."""
+        if self.stopping.is_set() or self.claim_lock.locked():
+            return False
+        async with self.claim_lock:
+            self._release(running)
+            if not self._slots_free() or not self.ads.services(with_room=True):
+                return False
+            began = time.perf_counter()
+            self.claim_calls += 1
+            refused, claimed = await self.queue.complete_and_claim(done, self.worker_id, self.capabilities(),
+                                                                   start=True)
+            if self.metrics is not None:
+                self.metrics.claim_took(time.perf_counter() - began)
+            if isinstance(claimed, Claimed):
+                self._start(claimed)
+            else:
+                self._last_look = (claimed,)  # the claim loop waits instead of looking again at once
+        if refused is not None:
+            raise StaleJob(f"job {done.job_id}: {refused}")
+        return True
 
     async def _claim_loop(self) -> None:
         backoff = Backoff()
@@ -554,12 +594,27 @@ class Worker:
             await self._hand_on()
             await wait_for_event(self.wake, poll)
             return
+        looked, self._last_look = self._last_look, None
+        if looked is not None and not self.hints and not self.waiter.ready:
+            await self._wait_for_work(looked[0], room)  # a finished job's claim just found nothing
+            return
         token = self.waiter.take()
         hint, hops = (token[1], token[0]) if token else (self.hints.popleft(), 0) if self.hints else ("", None)
         try:
             began = time.perf_counter()
-            self.claim_calls += 1
-            claimed = await self.queue.claim_or_defer(self.worker_id, self.capabilities(), hint, hops=hops, start=True)
+            async with self.claim_lock:
+                if not self._slots_free() or not self.ads.services(with_room=True):
+                    # a finished job's claim filled the place meanwhile: keep what this claim took
+                    if token is not None:
+                        self.waiter.ready.appendleft(token)
+                    elif hint:
+                        self.hints.appendleft(hint)
+                    return
+                self.claim_calls += 1
+                claimed = await self.queue.claim_or_defer(self.worker_id, self.capabilities(), hint, hops=hops,
+                                                          start=True)
+                if isinstance(claimed, Claimed):
+                    self._start(claimed)
             if self.metrics is not None:
                 self.metrics.claim_took(time.perf_counter() - began)
             backoff.reset()
@@ -571,9 +626,12 @@ class Worker:
             log.warning("claim failed: %s (next try in %.1fs)", exc, delay)
             await wait_for_event(self.stopping, delay)
             return
-        if isinstance(claimed, Claimed):
-            self._start(claimed)
-            return
+        if not isinstance(claimed, Claimed):
+            await self._wait_for_work(claimed, room)
+
+    async def _wait_for_work(self, claimed: Deferred | None, room: list[str]) -> None:
+        """After a claim that found nothing: wait for a token, a local event or the slow poll."""
+        poll = self.settings.poll_interval_s
         await self._idle_if_done()
         if isinstance(claimed, Deferred):  # left to a worker with its models loaded: look again
             await wait_for_event(self.wake, min(poll, claimed.retry_in_ms / 1000 + 0.01))
@@ -636,7 +694,9 @@ class Worker:
         finally:
             if self.running.get(claimed.job_id) is running:
                 del self.running[claimed.job_id]
-            if running.engine is not None:
+            if running.released:
+                self.finishing -= 1
+            elif running.engine is not None:
                 running.engine.running -= 1
             took = time.monotonic() - running.started
             if self.metrics is not None:

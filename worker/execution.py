@@ -25,7 +25,7 @@ from worker.guard import INTERRUPT_TIMEOUT_S, PluggedConnector
 from worker.outputs import OutputPlacer
 from worker.progress import ProgressReporter
 from worker.protocol import Job, read_int
-from worker.queue import Claimed, ProgressUpdate, Queue
+from worker.queue import Claimed, Completion, ProgressUpdate, Queue
 from worker.retry import Backoff, retry_backoff_ms
 from worker.settings import Settings
 
@@ -52,6 +52,10 @@ class RunningJob:
     started: float = field(default_factory=time.monotonic)
     #: the stop reason when run() ended (None: it ended on its own, and its result stands)
     ended_by: StopReason | None = None
+    #: its place is free for the next claim (its run ended; its outcome is being written)
+    released: bool = False
+    #: the connector's run is over (what is left is writing the outcome, which the fence checks)
+    run_ended: bool = False
     _stopper: asyncio.Task[None] | None = None
 
     def stop(self, reason: StopReason) -> None:
@@ -80,6 +84,8 @@ class Executor:
         self.queue = queue
         self.worker_id = worker_id
         self._on_finished = on_finished  # before the outcome frees the slot (loaded models)
+        #: the slot's "complete this job and claim the next in one call" (False: not now)
+        self.complete_and_claim: Callable[[RunningJob, Completion], Awaitable[bool]] | None = None
 
     async def run(self, claimed: Claimed, running: RunningJob) -> Outcome:
         """Run a job whose place the slot has taken (``running.engine``: its connector)."""
@@ -162,6 +168,7 @@ class Executor:
             running.inner.cancel()
         done, _ = await asyncio.wait({running.inner}, timeout=timeout)
         running.ended_by = running.stop_reason
+        running.run_ended = bool(done)
         if not done:
             running.stop(StopReason.TIMEOUT)
             running.ended_by = running.stop_reason
@@ -212,11 +219,25 @@ class Executor:
             retryable = error.retryable if error is not None else True
             return await self._fail(job.id, job.attempt, message, retryable=retryable, retries=job.retry_count)
         envelope = json.dumps({"output_files": result["output_files"]}) if "output_files" in result else "{}"
-        if await self._persist(lambda: self.queue.complete(job.id, self.worker_id, job.attempt, encoded, envelope,
-                                                           last_progress=folded)):
+        if await self._complete(running, Completion(job.id, job.attempt, encoded, envelope, folded)):
             log.info("job %s completed", job.id)
             return Outcome.COMPLETED
         return Outcome.DROPPED
+
+    async def _complete(self, running: RunningJob, done: Completion) -> bool:
+        """Write a completion: with the slot's next claim in the same call when the slot takes it,
+        else on its own (retried while Redis is away). False when the fence refused it."""
+        if self.complete_and_claim is not None:
+            try:
+                if await self.complete_and_claim(running, done):
+                    return True
+            except StaleJob as exc:
+                log.warning("dropping the outcome: %s", exc)
+                return False
+            except RedisUnavailable as exc:
+                log.warning("%s; writing the completion on its own", exc)
+        return await self._persist(lambda: self.queue.complete(done.job_id, self.worker_id, done.attempt, done.result,
+                                                               done.envelope, last_progress=done.last_progress))
 
     def _encode(self, result: dict[str, Any]) -> tuple[str, JobError | None]:
         """The result as the JSON Redis keeps, or why it cannot be kept."""

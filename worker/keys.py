@@ -67,9 +67,6 @@ CH_FAILED = "job_failed"
 CH_WORKER_STATUS = "worker_status"
 CH_CANCEL = "cancel_job"
 CH_MACHINE_STATUS = "machine:status:"  # + machine id
-# Ours: wakes idle workers for a job put back for a retry. Not job_submitted: their webhook
-# service forwards every message there as a new submission.
-CH_WAKE = "emp:wake"
 
 # Every suffix above, by name: worker/scripts.py substitutes these into the Lua sources.
 LUA_NAMES: dict[str, str] = {
@@ -247,10 +244,6 @@ class Keys:
     @property
     def ch_cancel(self) -> str:
         return f"{self.prefix}{CH_CANCEL}"
-
-    @property
-    def ch_wake(self) -> str:
-        return f"{self.prefix}{CH_WAKE}"
 
     def machine_status(self, machine_id: str) -> str:
         """Their monitor's machine channel (worker/machine.py)."""

@@ -1,7 +1,8 @@
 """Progress coalescing: a connector may report thousands of times a second; Redis gets at most
 `rate_hz` updates per job per second, and always the last one. A job's first report is held for
-`first_hold_s`: a job that ends sooner (a no-op, a cached result) has its last report folded into
-its outcome's write (`close(keep_last=True)`) instead of a round trip of its own."""
+up to `first_hold_s`: a job that ends sooner (a no-op, a cached result) has its last report folded
+into its outcome's write (`close(keep_last=True)`) instead of a round trip of its own; a second
+report ends the hold, and the first goes out as it always did."""
 
 from __future__ import annotations
 
@@ -62,6 +63,9 @@ class ProgressReporter:
 
     async def _flush(self) -> None:
         update, self._latest = self._latest, None
+        await self._send_one(update)
+
+    async def _send_one(self, update: ProgressUpdate | None) -> None:
         if update is None:
             return
         try:
@@ -74,13 +78,15 @@ class ProgressReporter:
         self._throttle.sent(time.monotonic())
 
     async def _loop(self) -> None:
-        first = True
+        first = self._first_hold_s > 0
         while not self._closing:
             await self._wake.wait()
             self._wake.clear()
-            delay = self._throttle.delay(time.monotonic())
             if first:
-                delay, first = max(delay, self._first_hold_s), False
+                first = False
+                await self._hold_first()
+                continue
+            delay = self._throttle.delay(time.monotonic())
             if delay > 0 and not self._closing:
                 with contextlib.suppress(TimeoutError):
                     # the rate limit itself; closing cuts it short
@@ -88,6 +94,20 @@ class ProgressReporter:
             if self._closing and self._keep_last:
                 return  # close() takes the pending update
             await self._flush()
+
+    async def _hold_first(self) -> None:
+        """Hold the first report until a second one, the close, or first_hold_s."""
+        held = self._latest
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), timeout=self._first_hold_s)
+        if self._closing and self._keep_last:
+            return  # close() takes the pending update
+        if self._latest is held:
+            await self._flush()
+            return
+        if held is not None:  # a newer report came: the first goes now, the newer after the rate limit
+            await self._send_one(held)
+        self._wake.set()
 
     async def _closed_event(self) -> None:
         while not self._closing:

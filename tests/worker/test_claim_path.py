@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
+from worker import scripts
 from worker.client import Client
 from worker.keys import Keys
 from worker.queue import MAX_WAKE_HOPS, Claimed, Completion, ProgressUpdate, Queue, QueueConfig, parse_wake_token
@@ -205,11 +206,15 @@ async def test_a_wake_list_of_another_type_is_replaced(client: Client, redis: ai
 
 @pytest.mark.parametrize(("raw", "parsed"), [
     ("0:job-1", (0, "job-1")), (b"15:a:b:c", (15, "a:b:c")), ("3:" + "x" * 512, (3, "x" * 512)),
-    ("16:job", None), ("-1:job", None), ("x:job", None), (":job", None), ("1:", None), ("job", None),
+    ("16:job", None), ("99:job", None), ("-1:job", None), ("x:job", None), (":job", None), ("1:", None), ("job", None),
     ("1:" + "x" * 513, None), ("001:job", None), (b"\xff:job", None),
 ])
 def test_wake_tokens_are_parsed_strictly(raw: str | bytes, parsed: tuple[int, str] | None) -> None:
     assert parse_wake_token(raw) == parsed
+
+
+def test_the_hop_limit_is_the_same_in_python_and_lua() -> None:
+    assert f"local MAX_WAKE_HOPS = {MAX_WAKE_HOPS}\n" in scripts.ALL["claim"]
 
 
 # --- complete the last job and claim the next in one call -------------------------------------------

@@ -30,6 +30,27 @@ async def test_a_report_still_held_at_close_is_handed_to_the_caller_and_never_se
     assert kept == ProgressUpdate(100.0, "done") and sent == []
 
 
+async def test_a_second_report_ends_the_hold_and_the_first_still_goes_out() -> None:
+    """Holding the first report never makes it vanish under a second one (a connector's "queued"
+    then its first step): the hold ends, the first is sent, the second follows the rate limit."""
+    sent: list[ProgressUpdate] = []
+    both = asyncio.Event()
+
+    async def send(update: ProgressUpdate) -> None:
+        sent.append(update)
+        if len(sent) == 2:
+            both.set()
+
+    reporter = ProgressReporter(send, rate_hz=1000.0, on_stale=lambda why: None, first_hold_s=30.0)
+    reporter.start()
+    reporter.report(ProgressUpdate(0.0, "queued"))
+    await asyncio.sleep(0)  # the loop holds the first
+    reporter.report(ProgressUpdate(10.0, "step 1"))
+    await asyncio.wait_for(both.wait(), 10)  # long before the 30 s hold would have ended
+    assert [u.message for u in sent] == ["queued", "step 1"]
+    assert await reporter.close(keep_last=True) is None
+
+
 async def test_without_keep_last_the_held_report_is_sent_at_close() -> None:
     sent: list[ProgressUpdate] = []
 
