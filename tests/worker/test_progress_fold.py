@@ -15,7 +15,8 @@ from worker.progress import ProgressReporter
 from worker.queue import ProgressUpdate
 
 
-async def test_a_report_still_held_at_close_is_handed_to_the_caller_and_never_sent() -> None:
+def _reporter() -> tuple[ProgressReporter, list[ProgressUpdate]]:
+    """A started reporter with a 30 s hold (longer than any test), and what it sent."""
     sent: list[ProgressUpdate] = []
 
     async def send(update: ProgressUpdate) -> None:
@@ -23,6 +24,11 @@ async def test_a_report_still_held_at_close_is_handed_to_the_caller_and_never_se
 
     reporter = ProgressReporter(send, rate_hz=10.0, on_stale=lambda why: None, first_hold_s=30.0)
     reporter.start()
+    return reporter, sent
+
+
+async def test_a_report_still_held_at_close_is_handed_to_the_caller_and_never_sent() -> None:
+    reporter, sent = _reporter()
     reporter.report(ProgressUpdate(50.0, "half"))
     reporter.report(ProgressUpdate(100.0, "done"))
     await asyncio.sleep(0)  # the loop takes the wake-up and starts holding
@@ -52,13 +58,7 @@ async def test_a_second_report_ends_the_hold_and_the_first_still_goes_out() -> N
 
 
 async def test_without_keep_last_the_held_report_is_sent_at_close() -> None:
-    sent: list[ProgressUpdate] = []
-
-    async def send(update: ProgressUpdate) -> None:
-        sent.append(update)
-
-    reporter = ProgressReporter(send, rate_hz=10.0, on_stale=lambda why: None, first_hold_s=30.0)
-    reporter.start()
+    reporter, sent = _reporter()
     reporter.report(ProgressUpdate(10.0, "first"))
     assert await reporter.close() is None
     assert sent == [ProgressUpdate(10.0, "first")]

@@ -2,7 +2,7 @@
 -- Reconcile jobs:pending with the class index by membership, a bounded step at a time: a claim
 -- runs a step while the two sets differ in size, the reaper (one worker fleet-wide, once per reap
 -- period) a step of REAPER_STEP ids whatever the sizes, the reconcile script on demand.
--- provides: claimable, sweep_pending, sweep_indexed, sweep_classes, reconcile
+-- provides: claimable, sweep_pending, next_page, sweep_indexed, sweep_classes, reconcile
 
 -- Jobs reach jobs:pending without us (the emp-job-queue API, a script), and leave it without us
 -- (their cancel): a pending id must be claimable (in emp:indexed, its entry in its class queue,
@@ -44,14 +44,20 @@ local function sweep_pending(n, retention, maxlen)
   return added
 end
 
+-- The next page of an SSCAN / HSCAN of `key` from the cursor kept in emp:reconcile:cursor under
+-- `field` (a cursor Redis refuses starts again at 0); the cursor moves on.
+local function next_page(command, key, field, n)
+  local ck = K('@RECONCILE_CURSOR@')
+  local page = redis.pcall(command, key, redis.call('HGET', ck, field) or '0', 'COUNT', n)
+  if page['err'] then page = redis.call(command, key, '0', 'COUNT', n) end
+  redis.call('HSET', ck, field, page[1])
+  return page[2]
+end
+
 -- Drop the next n indexed ids that are no longer pending; returns how many it dropped.
 local function sweep_indexed(n)
-  local ck = K('@RECONCILE_CURSOR@')
-  local page = redis.pcall('SSCAN', K('@INDEXED@'), redis.call('HGET', ck, 'indexed') or '0', 'COUNT', n)
-  if page['err'] then page = redis.call('SSCAN', K('@INDEXED@'), '0', 'COUNT', n) end
-  redis.call('HSET', ck, 'indexed', page[1])
   local dropped = 0
-  for _, id in ipairs(page[2]) do
+  for _, id in ipairs(next_page('SSCAN', K('@INDEXED@'), 'indexed', n)) do
     if not redis.call('ZSCORE', K('@PENDING@'), id) then
       local f = redis.pcall('HMGET', K('@JOB@' .. id), 'emp_class', 'emp_member')
       if f['err'] then unindex_job(id, nil, nil) else unindex_job(id, f[1], f[2]) end
@@ -65,13 +71,10 @@ end
 -- (Claims keep the per-service hashes, emp:classes:{service}; this all-classes view is read by
 -- status and rebuilt by indexing, which registers a class whenever a job of it enters.)
 local function sweep_classes(n)
-  local ck = K('@RECONCILE_CURSOR@')
-  local page = redis.pcall('HSCAN', K('@CLASSES@'), redis.call('HGET', ck, 'classes') or '0', 'COUNT', n)
-  if page['err'] then page = redis.call('HSCAN', K('@CLASSES@'), '0', 'COUNT', n) end
-  redis.call('HSET', ck, 'classes', page[1])
+  local entries = next_page('HSCAN', K('@CLASSES@'), 'classes', n)
   local dropped = 0
-  for i = 1, #page[2], 2 do
-    local class, meta = page[2][i], decode(page[2][i + 1])
+  for i = 1, #entries, 2 do
+    local class, meta = entries[i], decode(entries[i + 1])
     if type(meta) ~= 'table' or type(meta['service']) ~= 'string'
       or redis.call('EXISTS', K('@CLASS_QUEUE@' .. class)) == 0 then
       redis.call('HDEL', K('@CLASSES@'), class)
