@@ -127,14 +127,20 @@ def eta_iso(eta_s: float | None) -> str:
     return utc_iso(datetime.now(UTC) + timedelta(seconds=min(eta_s, 365 * 86400.0)))
 
 
-def _progress_extra(update: ProgressUpdate) -> str:
-    """The progress script's extra argument: structured detail and a preview, when present."""
+def _progress_extra_fields(update: ProgressUpdate) -> dict[str, Any]:
+    """A report's structured detail and preview, when present."""
     extra: dict[str, Any] = {}
     if update.data:
         extra["data"] = update.data
     if update.preview is not None:
         extra["preview"] = base64.b64encode(update.preview).decode()
         extra["preview_type"] = update.preview_type
+    return extra
+
+
+def _progress_extra(update: ProgressUpdate) -> str:
+    """The progress script's extra argument ('' when the report has neither detail nor preview)."""
+    extra = _progress_extra_fields(update)
     return json.dumps(extra) if extra else ""
 
 
@@ -153,7 +159,7 @@ def _progress_fields(update: ProgressUpdate) -> dict[str, Any]:
     fields: dict[str, Any] = {"progress": update.progress, "message": update.message,
                               "current_step": _opt(update.current_step), "total_steps": _opt(update.total_steps),
                               "estimated_completion": eta_iso(update.eta_s)}
-    fields.update(json.loads(_progress_extra(update) or "{}"))
+    fields.update(_progress_extra_fields(update))
     return fields
 
 

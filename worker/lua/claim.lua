@@ -1,4 +1,4 @@
--- requires: clock common untrusted index final_fail reconcile match wake complete_job
+-- requires: clock common untrusted index final_fail reconcile match wake complete_job started
 -- Claim the best job this worker can run.
 -- KEYS: none (every key is the prefix in ARGV[1] plus a name from worker/keys.py).
 -- ARGV: 1 prefix, 2 worker id, 3 capabilities JSON (see worker/matching.py; without a models
@@ -198,8 +198,9 @@ local function rebuild_class(class, service)
         local req, cust = f[2] or '', f[3] or ''
         if redis.sha1hex(f[1] .. '\n' .. req .. '\n' .. cust) == class then
           local meta = { service = f[1], requirements = req, customer_id = cust }
-          redis.call('HSET', K('@CLASSES@'), class, cjson.encode(meta))
-          redis.call('HSET', K('@CLASSES_OF@' .. service), class, cjson.encode(meta))
+          local encoded = cjson.encode(meta)
+          redis.call('HSET', K('@CLASSES@'), class, encoded)
+          redis.call('HSET', K('@CLASSES_OF@' .. service), class, encoded)
           return meta
         end
       end
@@ -336,13 +337,7 @@ local function take(c)
   stream_event(id, 'claimed', { worker_id = worker, attempt = attempt }, maxlen, ttl)
   publish('@CH_JOB_CLAIMED@', { job_id = id, worker_id = worker, status = 'claimed',
     claimed_at = at, timestamp = now, attempt = attempt })
-  if start_now then
-    local pk = K('@JOB@' .. id .. '@PROGRESS_HASH_SUFFIX@')
-    redis.call('HSET', pk, 'status', 'in_progress', 'updated_at', at)
-    redis.call('EXPIRE', pk, ttl)
-    redis.call('XADD', K('@PROGRESS_STREAM@' .. id), 'MAXLEN', '~', maxlen, '*', 'event', 'started',
-      'data', cjson.encode({ worker_id = worker, attempt = attempt }))
-  end
+  if start_now then started_event(id, worker, attempt, at, maxlen, ttl) end
   return { attempt, id, encoded }
 end
 

@@ -1,4 +1,4 @@
--- requires: clock common fence
+-- requires: clock common fence started
 -- Mark a held job started: its connector has it now. As their worker does, `in_progress` and
 -- `started_at` are written here, not at the first progress report (their processing time counts
 -- from it). The job's stream gets a `started` event.
@@ -16,8 +16,5 @@ if redis.call('HGET', jk, 'status') == 'assigned' then
   redis.call('HSET', jk, 'status', 'in_progress', 'started_at', at)
 end
 redis.call('HSET', K('@WORKER@' .. worker), 'status', 'busy', 'current_job_id', id)
-redis.call('HSET', K('@JOB@' .. id .. '@PROGRESS_HASH_SUFFIX@'), 'status', 'in_progress', 'updated_at', at)
-redis.call('EXPIRE', K('@JOB@' .. id .. '@PROGRESS_HASH_SUFFIX@'), tonumber(opts['stream_ttl_s']))
-stream_event(id, 'started', { worker_id = worker, attempt = tonumber(attempt) }, tonumber(opts['stream_maxlen']),
-  tonumber(opts['stream_ttl_s']))
+started_event(id, worker, attempt, at, tonumber(opts['stream_maxlen']), tonumber(opts['stream_ttl_s']))
 return {1}
