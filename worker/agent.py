@@ -32,8 +32,8 @@ import secrets
 import socket
 import time
 from collections import deque
-from collections.abc import Callable, Coroutine, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -61,6 +61,7 @@ if TYPE_CHECKING:
     from worker.metrics import Metrics
 
 log = logging.getLogger("emp.worker")
+_Reply = TypeVar("_Reply")
 
 GPU_READ_TIMEOUT_S = 2.0
 LISTEN_TURN_S = 1.0  # the listener looks this often whether its channels must change (a relay or not)
@@ -524,7 +525,7 @@ class Worker:
         if message.get("channel") != self.keys.ch_job_submitted or data.get("emp_woken") is True:
             return  # our own submit pushed its wake token already
         service = data.get("service_required")
-        room = self.ads.services(with_room=True) if self._slots_free() and not self.stopping.is_set() else []
+        room = self._room() if not self.stopping.is_set() else []
         if (service is None and room) or (isinstance(service, str) and service in room):
             if job_id:  # claimed here, or passed on by the claim script (hops=0)
                 self.hints.append(job_id)
@@ -536,6 +537,19 @@ class Worker:
 
     def _slots_free(self) -> bool:
         return len(self.running) - self.finishing < self.ads.max_concurrent_jobs
+
+    def _room(self) -> list[str]:
+        """The services this slot has a free place for now (none while every place is taken)."""
+        return self.ads.services(with_room=True) if self._slots_free() else []
+
+    async def _timed_claim(self, claim: Awaitable[_Reply]) -> _Reply:
+        """Run one claim script call, counted and timed."""
+        began = time.perf_counter()
+        self.claim_calls += 1
+        reply = await claim
+        if self.metrics is not None:
+            self.metrics.claim_took(time.perf_counter() - began)
+        return reply
 
     def _release(self, running: RunningJob) -> None:
         """A job's run ended: its place is free for the next claim, while the job stays in
@@ -555,14 +569,10 @@ class Worker:
             return False
         async with self.claim_lock:
             self._release(running)
-            if not self._slots_free() or not self.ads.services(with_room=True):
+            if not self._room():
                 return False
-            began = time.perf_counter()
-            self.claim_calls += 1
-            refused, claimed = await self.queue.complete_and_claim(done, self.worker_id, self.capabilities(),
-                                                                   start=True)
-            if self.metrics is not None:
-                self.metrics.claim_took(time.perf_counter() - began)
+            refused, claimed = await self._timed_claim(
+                self.queue.complete_and_claim(done, self.worker_id, self.capabilities(), start=True))
             if isinstance(claimed, Claimed):
                 self._start(claimed)
             else:
@@ -588,7 +598,7 @@ class Worker:
     async def _claim_once(self, backoff: Backoff) -> None:
         """One claim when a place is free, then the wait until the next one."""
         poll = self.settings.poll_interval_s
-        room = self.ads.services(with_room=True) if self._slots_free() else []
+        room = self._room()
         if not room:
             await self._idle_if_done()
             await self._hand_on()
@@ -601,22 +611,18 @@ class Worker:
         token = self.waiter.take()
         hint, hops = (token[1], token[0]) if token else (self.hints.popleft(), 0) if self.hints else ("", None)
         try:
-            began = time.perf_counter()
             async with self.claim_lock:
-                if not self._slots_free() or not self.ads.services(with_room=True):
+                if not self._room():
                     # a finished job's claim filled the place meanwhile: keep what this claim took
                     if token is not None:
                         self.waiter.ready.appendleft(token)
                     elif hint:
                         self.hints.appendleft(hint)
                     return
-                self.claim_calls += 1
-                claimed = await self.queue.claim_or_defer(self.worker_id, self.capabilities(), hint, hops=hops,
-                                                          start=True)
+                claimed = await self._timed_claim(
+                    self.queue.claim_or_defer(self.worker_id, self.capabilities(), hint, hops=hops, start=True))
                 if isinstance(claimed, Claimed):
                     self._start(claimed)
-            if self.metrics is not None:
-                self.metrics.claim_took(time.perf_counter() - began)
             backoff.reset()
         except RedisUnavailable as exc:
             if token is not None:
